@@ -1,0 +1,94 @@
+"""Stage 5 — generation: prefill the prompt once, then decode one token at a time from the KV cache.
+
+`generate` is a Python generator that yields token ids as they are chosen, so a notebook, the app and the
+benchmark share one loop. M-RoPE makes the decode positions differ from the cache index: the prompt's
+visual tokens use fewer positions than tokens, so position = cache index + rope_delta (REFERENCE 5.2),
+with rope_deltas held here in the loop, not on the model.
+Dimension legend: B batch, L prompt length, V vocab.
+"""
+import torch
+
+from .language import KVCache
+from .rope import mrope_position_ids
+
+
+def prefill(model, batch, cache: KVCache):
+    """Run the whole prompt, filling the cache. -> last-position logits (B, V), rope_deltas (B, 1)."""
+    position_ids, rope_deltas = mrope_position_ids(batch.input_ids, batch.image_grid_thw, batch.video_grid_thw,
+                                                   batch.attention_mask, model.config)
+    logits = model(batch.input_ids, batch.attention_mask, batch.pixel_values, batch.image_grid_thw,
+                   batch.pixel_values_videos, batch.video_grid_thw, position_ids=position_ids,
+                   cache=cache, cache_pos=0, last_only=True)                # (B, 1, V)
+    return logits[:, -1], rope_deltas
+
+
+def decode_step(model, tokens, attention_mask, cache: KVCache, cache_pos: int, rope_deltas):
+    """One new token per row: tokens (B, 1) written at cache index cache_pos -> logits (B, V)."""
+    B = tokens.shape[0]
+    positions = (cache_pos + rope_deltas).view(1, B, 1).expand(3, B, 1)      # same id on t, h, w rows
+    return model(tokens, attention_mask, position_ids=positions, cache=cache, cache_pos=cache_pos)[:, -1]
+
+
+def sample(logits, temperature=0.0, top_p=1.0, top_k=0, generator=None):
+    """logits (B, V) -> token ids (B,). Greedy when temperature == 0."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k > 0:                                    # keep the k most likely tokens
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:                                  # keep the smallest set whose probability reaches top_p
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) >= top_p  # a token is dropped if the ones before it suffice
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+@torch.inference_mode()
+def generate(model, batch, max_new_tokens=128, temperature=0.0, top_p=1.0, top_k=0, stop_token_ids=None,
+             seed=None):
+    """Yield the next token id: an int for one conversation, a list of ints for a batch.
+
+    Stops at the stop tokens (default: the batch's <|im_end|> / <|endoftext|>) or after max_new_tokens.
+    In a batch, a row that has stopped repeats its stop token until every row has stopped.
+    """
+    cfg = model.config.text
+    B, L = batch.input_ids.shape
+    if L > cfg.max_position_embeddings:
+        raise ValueError(f"the prompt has {L} tokens but the model's context is {cfg.max_position_embeddings}; "
+                         "use fewer or smaller images/videos (lower max_pixels) or a shorter text")
+    max_new_tokens = min(max_new_tokens, cfg.max_position_embeddings - L)
+    stop = torch.tensor(stop_token_ids if stop_token_ids is not None else batch.stop_token_ids,
+                        device=batch.input_ids.device)
+    dtype = next(model.parameters()).dtype
+    cache = KVCache(cfg, B, L + max_new_tokens, batch.input_ids.device, dtype)
+    generator = torch.Generator(batch.input_ids.device).manual_seed(seed) if seed is not None else None
+    attention_mask = torch.ones(B, L + max_new_tokens, dtype=torch.long, device=batch.input_ids.device)
+    attention_mask[:, :L] = batch.attention_mask
+    logits, rope_deltas = prefill(model, batch, cache)
+    done = torch.zeros(B, dtype=torch.bool, device=stop.device)
+    last = None
+    for step in range(max_new_tokens):
+        if step:
+            logits = decode_step(model, last[:, None], attention_mask[:, :L + step], cache, L + step - 1,
+                                 rope_deltas)
+        token = sample(logits, temperature, top_p, top_k, generator)          # (B,)
+        token = torch.where(done, last, token) if last is not None else token
+        yield token.item() if B == 1 else token.tolist()
+        done |= torch.isin(token, stop)
+        if bool(done.all()):
+            return
+        last = token
+
+
+def stream_text(processor, tokens):
+    """Token ids (one conversation) -> text pieces, holding back bytes of a half-finished UTF-8 character."""
+    ids, shown = [], ""
+    for token in tokens:
+        ids.append(token)
+        text = processor.decode(ids)
+        if not text.endswith("\ufffd") and len(text) > len(shown):
+            yield text[len(shown):]
+            shown = text
