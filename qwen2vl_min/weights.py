@@ -37,7 +37,7 @@ def resolve(source) -> Path:
         return Path(snapshot_download(str(source), allow_patterns=["*.json", "*.safetensors", "*.txt"]))
     except Exception as e:  # offline without a cached copy, unknown repo, no network ...
         raise ValueError(f"model {source!r} could not be fetched from the hub ({type(e).__name__}: {e}). "
-                         "Download it on a connected machine with `huggingface-cli download "
+                         "Download it on a connected machine with `hf download "
                          f"{source}` (the cache is reused offline), or pass a local directory") from None
 
 
@@ -81,9 +81,10 @@ def load(source, device=None, dtype=None):
                 state[name] = tensor.to(device=device, dtype=dtype)
     missing = [k for k in expected if k not in state and not (tied and k == "lm_head.weight")]
     if missing or unexpected:
-        raise ValueError(f"checkpoint {path} does not match its config: missing {missing[:8]}"
-                         f"{' ...' if len(missing) > 8 else ''} ({len(missing)}), unexpected {unexpected[:8]}"
-                         f"{' ...' if len(unexpected) > 8 else ''} ({len(unexpected)})")
+        listed = lambda what, keys: f"{what} {keys[:8]}{' ...' if len(keys) > 8 else ''} ({len(keys)})" if keys else ""
+        raise ValueError(f"checkpoint {path} does not match its config.json: "
+                         + "; ".join(filter(None, [listed("missing", missing), listed("unexpected", unexpected)]))
+                         + ". Is the config from the same checkpoint?")
     model.load_state_dict(state, strict=not tied, assign=True)
     if tied:
         model.lm_head.weight = model.model.embed_tokens.weight
