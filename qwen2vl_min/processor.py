@@ -119,6 +119,13 @@ def video_to_patches(frames: torch.Tensor, patch=14, merge=2, temporal=2):
     return _patchify(frames, patch, temporal, merge)
 
 
+def media_kind(item: dict):
+    """"image", "video" or None for one content item, by the same test the Jinja template uses."""
+    if item.get("type") == "image" or "image" in item or "image_url" in item:
+        return "image"
+    return "video" if item.get("type") == "video" or "video" in item else None
+
+
 def apply_chat_template(messages, add_generation_prompt=True, add_vision_id=False) -> str:
     """The Qwen2-VL-Instruct Jinja template, written out in Python (REFERENCE 6)."""
     out, n_img, n_vid = [], 0, 0
@@ -128,10 +135,11 @@ def apply_chat_template(messages, add_generation_prompt=True, add_vision_id=Fals
         out.append(f"<|im_start|>{message['role']}\n")
         content = message["content"]
         for item in [{"type": "text", "text": content}] if isinstance(content, str) else content:
-            if item.get("type") == "image" or "image" in item or "image_url" in item:
+            kind = media_kind(item)
+            if kind == "image":
                 n_img += 1
                 out.append(f"Picture {n_img}: " * add_vision_id + "<|vision_start|><|image_pad|><|vision_end|>")
-            elif item.get("type") == "video" or "video" in item:
+            elif kind == "video":
                 n_vid += 1
                 out.append(f"Video {n_vid}: " * add_vision_id + "<|vision_start|><|video_pad|><|vision_end|>")
             elif "text" in item:
@@ -198,7 +206,7 @@ class Processor:
     def encode_media(self, item: dict):
         """One image / video content item -> (pixel rows (N, 1176), grid (1, 3), display info)."""
         kw = dict(patch=self.patch_size, merge=self.merge_size, temporal=self.temporal_patch_size)
-        if item.get("type") == "video" or "video" in item:
+        if media_kind(item) == "video":
             opts = {k: item[k] for k in ("fps", "nframes", "min_pixels", "max_pixels", "total_pixels") if k in item}
             clip = video_io.read_video(item["video"], **opts)
             rows, grid = video_to_patches(clip.frames, **kw)
@@ -214,43 +222,38 @@ class Processor:
         return rows, grid, info
 
     def tokenize(self, messages, add_generation_prompt=True, add_vision_id=False):
-        """One conversation -> (input ids with placeholders expanded, pixel tensors, grids, media info)."""
+        """One conversation -> (token ids with each placeholder expanded, [(rows, grid, info)] in prompt order)."""
         ids = self.tokenizer.encode(apply_chat_template(messages, add_generation_prompt, add_vision_id),
                                     add_special_tokens=False).ids
-        items = [it for m in messages if not isinstance(m["content"], str) for it in m["content"]
-                 if it.get("type") in ("image", "video") or {"image", "image_url", "video"} & it.keys()]
-        encoded = [self.encode_media(it) for it in items]
-        out, per_kind = [], {self.image_token_id: [], self.video_token_id: []}
-        for e in encoded:
-            per_kind[self.video_token_id if e[2]["kind"] == "video" else self.image_token_id].append(e)
-        queues = {k: list(v) for k, v in per_kind.items()}
-        for t in ids:
-            if t in queues:
-                if not queues[t]:
-                    kind = "image" if t == self.image_token_id else "video"
-                    n_pad = ids.count(t)
-                    raise ValueError(f"the prompt has {n_pad} <|{kind}_pad|> tokens but {len(per_kind[t])} "
-                                     f"{kind}(s) were given; remove the literal <|{kind}_pad|> text or add the {kind}")
-                out += [t] * queues[t].pop(0)[2]["tokens"]   # one placeholder per merged patch
-            else:
-                out.append(t)
-        pack = lambda es, i: (torch.cat([e[i] for e in es]) if es else None)
-        img, vid = per_kind[self.image_token_id], per_kind[self.video_token_id]
-        return out, (pack(img, 0), pack(img, 1), pack(vid, 0), pack(vid, 1)), [e[2] for e in encoded]
+        media = [self.encode_media(it) for m in messages if not isinstance(m["content"], str)
+                 for it in m["content"] if media_kind(it)]
+        pad = {"image": self.image_token_id, "video": self.video_token_id}
+        for kind, token in pad.items():        # user text may spell a placeholder out literally
+            n_given = sum(e[2]["kind"] == kind for e in media)
+            if ids.count(token) != n_given:
+                raise ValueError(f"the prompt has {ids.count(token)} <|{kind}_pad|> tokens but {n_given} "
+                                 f"{kind}(s) were given; remove the literal <|{kind}_pad|> text or add the {kind}")
+        tokens = {kind: iter([e[2]["tokens"] for e in media if e[2]["kind"] == kind]) for kind in pad}
+        kind_of = {token: kind for kind, token in pad.items()}
+        out = []
+        for t in ids:                          # one placeholder per merged patch: grid.prod() / 4
+            out += [t] * next(tokens[kind_of[t]]) if t in kind_of else [t]
+        return out, media
 
     def batch(self, conversations, add_generation_prompt=True, add_vision_id=False) -> Batch:
         """Several conversations -> one left-padded Batch (generation appends on the right)."""
         done = [self.tokenize(c, add_generation_prompt, add_vision_id) for c in conversations]
-        L = max(len(ids) for ids, _, _ in done)
+        L = max(len(ids) for ids, _ in done)
         input_ids = torch.full((len(done), L), self.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros((len(done), L), dtype=torch.long)
-        for b, (ids, _, _) in enumerate(done):
+        for b, (ids, _) in enumerate(done):
             input_ids[b, L - len(ids):] = torch.tensor(ids)
             attention_mask[b, L - len(ids):] = 1
-        cat = lambda i: (torch.cat([d[1][i] for d in done if d[1][i] is not None])
-                         if any(d[1][i] is not None for d in done) else None)
-        return Batch(input_ids, attention_mask, cat(0), cat(1), cat(2), cat(3), [m for d in done for m in d[2]],
-                     tuple(self.eos_token_ids))
+        media = [e for _, m in done for e in m]
+        cat = lambda kind, i: torch.cat([e[i] for e in media if e[2]["kind"] == kind]) \
+            if any(e[2]["kind"] == kind for e in media) else None
+        return Batch(input_ids, attention_mask, cat("image", 0), cat("image", 1), cat("video", 0), cat("video", 1),
+                     [e[2] for e in media], tuple(self.eos_token_ids))
 
     def __call__(self, messages, add_generation_prompt=True, add_vision_id=False) -> Batch:
         return self.batch([messages], add_generation_prompt, add_vision_id)

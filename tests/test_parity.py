@@ -53,8 +53,9 @@ CONVS = {
     "video": user(video(FRAMES_5), text("What is in the video?")),
     "image_video": user(image(IMG_TALL), video(FRAMES_4), text("What is in the video?")),
 }
-PADDED = [user(image(IMG_WIDE), text("Describe the image.")),
-          user(image(IMG_TALL), text("Which picture is brighter? Hello! How are you today? Describe the image."))]
+# Prompts chosen so that greedy decoding of the random models is not a constant token (a stronger check).
+PADDED = [user(image(IMG_TALL), text("What is in the video?")),
+          user(image(IMG_SQUARE), text("Which picture is brighter? Hello! How are you today?"))]
 GEN_CONV = user(image(IMG_SQUARE), text("Which picture is brighter? Hello! How are you today?"))
 
 
@@ -138,13 +139,19 @@ def test_logits_match_transformers_left_padded_text_only(pair):
 
 # ---------------------------------------------------------------- 2. greedy generation
 def hf_generate(pair, b):
-    # eos_token_id=None in a GenerationConfig (not as a kwarg, which would fall back to the model's) so
-    # transformers never stops early; ours gets stop_token_ids=[] -> both produce exactly N_NEW tokens.
+    # transformers fills every None of the passed GenerationConfig from model.generation_config (whose
+    # eos_token_id is <|im_end|>), and then pads a finished row with pad_token_id. So the model's own
+    # eos_token_id is cleared for the call; with stop_token_ids=[] for ours both run exactly N_NEW tokens.
     gc = GenerationConfig(do_sample=False, max_new_tokens=N_NEW, eos_token_id=None,
                           pad_token_id=pair.processor.pad_token_id)
+    saved = pair.hf.generation_config.eos_token_id
+    pair.hf.generation_config.eos_token_id = None
     pair.hf.model.rope_deltas = None
-    with torch.no_grad():
-        out = pair.hf.generate(**hf_kwargs(pair, b), generation_config=gc)
+    try:
+        with torch.no_grad():
+            out = pair.hf.generate(**hf_kwargs(pair, b), generation_config=gc)
+    finally:
+        pair.hf.generation_config.eos_token_id = saved
     return out[:, b.input_ids.shape[1]:].tolist()
 
 
