@@ -15,6 +15,17 @@ IGNORED_KEYS = {
     "max_window_layers", "sliding_window", "layer_types", "vision_token_id", "rope_type", "type",
     "_name_or_path", "output_attentions", "output_hidden_states", "return_dict", "use_return_dict",
     "tokenizer_class", "id2label", "label2id", "quantization_config", "_attn_implementation_autoset",
+    "chunk_size_feed_forward", "is_encoder_decoder", "problem_type", "is_decoder", "add_cross_attention",
+    "cross_attention_hidden_size", "tie_encoder_decoder", "torchscript", "pruned_heads", "finetuning_task",
+    "prefix", "sep_token_id", "decoder_start_token_id", "task_specific_params", "tf_legacy_loss",
+    "use_bfloat16", "initializer_factor",
+    # generation settings that transformers 4.x repeats in every (sub-)config
+    "max_length", "min_length", "do_sample", "early_stopping", "num_beams", "num_beam_groups",
+    "diversity_penalty", "temperature", "top_k", "top_p", "typical_p", "repetition_penalty",
+    "length_penalty", "no_repeat_ngram_size", "encoder_no_repeat_ngram_size", "bad_words_ids",
+    "num_return_sequences", "output_scores", "return_dict_in_generate", "forced_bos_token_id",
+    "forced_eos_token_id", "remove_invalid_values", "exponential_decay_length_penalty",
+    "suppress_tokens", "begin_suppress_tokens",
 }
 
 
@@ -24,7 +35,7 @@ class VisionConfig:
     depth: int = 32
     embed_dim: int = 1280
     num_heads: int = 16
-    mlp_ratio: float = 4.0
+    mlp_ratio: int = 4                 # an int: transformers' strict config rejects 4.0
     hidden_size: int = 1536            # merger output width = the LLM's hidden_size
     in_channels: int = 3
     patch_size: int = 14

@@ -175,9 +175,11 @@ class Processor:
     """Chat messages -> Batch. Reads tokenizer.json (via `tokenizers`) and preprocessor_config.json."""
 
     def __init__(self, tokenizer, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, patch_size=14, merge_size=2,
-                 temporal_patch_size=2, chat_template=None):
+                 temporal_patch_size=2, chat_template=None, video_pixels=None):
         self.tokenizer = tokenizer                 # a tokenizers.Tokenizer
         self.min_pixels, self.max_pixels = min_pixels, max_pixels
+        # Video defaults (min_pixels / max_pixels / total_pixels per read_video); {} = qwen-vl-utils' values.
+        self.video_pixels = dict(video_pixels or {})
         self.patch_size, self.merge_size, self.temporal_patch_size = patch_size, merge_size, temporal_patch_size
         self.chat_template = chat_template         # the Jinja text, kept so `save` can write it back
         ids = {t: tokenizer.token_to_id(t) for t in ("<|image_pad|>", "<|video_pad|>", "<|endoftext|>",
@@ -201,13 +203,14 @@ class Processor:
                          max_pixels=cfg.get("max_pixels", size.get("longest_edge", MAX_PIXELS)),
                          patch_size=cfg.get("patch_size", 14), merge_size=cfg.get("merge_size", 2),
                          temporal_patch_size=cfg.get("temporal_patch_size", 2),
-                         chat_template=tok_cfg.get("chat_template"))
+                         chat_template=tok_cfg.get("chat_template"), video_pixels=cfg.get("video_pixels"))
 
     def encode_media(self, item: dict):
         """One image / video content item -> (pixel rows (N, 1176), grid (1, 3), display info)."""
         kw = dict(patch=self.patch_size, merge=self.merge_size, temporal=self.temporal_patch_size)
         if media_kind(item) == "video":
-            opts = {k: item[k] for k in ("fps", "nframes", "min_pixels", "max_pixels", "total_pixels") if k in item}
+            opts = {**self.video_pixels, **{k: item[k] for k in ("fps", "nframes", "min_pixels", "max_pixels",
+                                                                  "total_pixels") if k in item}}
             clip = video_io.read_video(item["video"], **opts)
             rows, grid = video_to_patches(clip.frames, **kw)
             info = {"kind": "video", "frames": len(clip.indices), "indices": clip.indices, "fps": clip.fps}

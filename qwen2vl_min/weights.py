@@ -115,7 +115,8 @@ def save(model, processor, out_dir) -> Path:
             "patch_size": processor.patch_size, "temporal_patch_size": processor.temporal_patch_size,
             "merge_size": processor.merge_size, "image_mean": list(CLIP_MEAN), "image_std": list(CLIP_STD),
             "do_resize": True, "resample": 3, "do_rescale": True, "rescale_factor": 1 / 255,
-            "do_normalize": True, "do_convert_rgb": True}, indent=2))
+            "do_normalize": True, "do_convert_rgb": True,
+            **({"video_pixels": processor.video_pixels} if processor.video_pixels else {})}, indent=2))
         (tmp / "generation_config.json").write_text(json.dumps({
             "eos_token_id": processor.eos_token_ids, "pad_token_id": processor.pad_token_id}, indent=2))
         if out.exists():                                  # swap in the finished folder, then drop the old one
