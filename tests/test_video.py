@@ -184,3 +184,17 @@ def test_hanging_decoder_times_out(clips, monkeypatch):
     with pytest.raises(ValueError, match="did not finish within 0.5 s") as e:
         read_video(clips["two"], timeout=0.5)
     assert time.perf_counter() - t < 2.5 and "two_s.mp4" in str(e.value)
+
+
+@pytest.mark.parametrize("backend", ["decord", "av"])
+def test_container_with_zero_frames(tmp_path, backend):
+    """A well-formed container header with a video stream but not a single encoded frame."""
+    path = tmp_path / "zero_frames.mkv"   # (the mp4 muxer writes nothing at all without frames)
+    c = av.open(str(path), "w")
+    s = c.add_stream("mpeg4", rate=30)
+    s.width, s.height, s.pix_fmt = 64, 64, "yuv420p"
+    c.start_encoding()                         # writes the header; no frame is ever muxed
+    c.close()
+    assert path.stat().st_size > 0
+    with pytest.raises(ValueError, match="zero_frames.mkv"):
+        read_video(path, backend=backend)
