@@ -74,8 +74,9 @@ def _mask(kind: str, side: int) -> Image.Image:
     return mask.resize((side, side), Image.LANCZOS)
 
 
-def _paint(image: Image.Image, kind: str, box, rgb) -> None:
+def _paint(image: Image.Image, kind: str, box, rgb) -> Image.Image:
     image.paste(rgb, box, _mask(kind, box[2] - box[0]))
+    return image
 
 
 @lru_cache(maxsize=None)
@@ -188,18 +189,13 @@ def draw_clip(rng: random.Random, n_frames: int | None = None, size: tuple[int, 
     background = Image.new("RGB", (w, h), _background(rng))
     static = None
     if rng.random() < 0.5:              # the static shape has another colour, so questions stay unambiguous
-        swept = (min(b[0] for b in boxes), min(b[1] for b in boxes), max(b[2] for b in boxes),
-                 max(b[3] for b in boxes))
-        found = _try_box(rng, w, h, REGIONS, [swept])
+        x0s, y0s, x1s, y1s = zip(*boxes)            # the static shape avoids the whole swept path
+        found = _try_box(rng, w, h, REGIONS, [(min(x0s), min(y0s), max(x1s), max(y1s))])
         if found:
             static = Shape(rng.choice(SHAPES), rng.choice([c for c in COLORS if c != color]), *found)
             _paint(background, static.kind, static.box, _jitter(rng, COLORS[static.color]))
-    rgb, frames = _jitter(rng, COLORS[color]), []
-    for box in boxes:
-        frame = background.copy()
-        _paint(frame, kind, box, rgb)
-        frames.append(frame)
-    return Clip(tuple(frames), moving, direction, static, boxes)
+    rgb = _jitter(rng, COLORS[color])
+    return Clip(tuple(_paint(background.copy(), kind, box, rgb) for box in boxes), moving, direction, static, boxes)
 
 
 def describe(scene: Scene) -> str:
@@ -237,7 +233,7 @@ TEMPLATES = {   # the first phrasing is the exact one the evaluation asks; the r
     "two_image": ("Which image has more shapes?", "Which of the two images has more shapes?",
                   "Which picture shows more shapes?"),
     "capability": ("What can you do?", "What are you able to do?", "What can you help me with?",
-                   "What do you know about?"),
+                   "What kind of questions can you answer?"),
 }
 GREETINGS = ("Hello!", "Hello", "Hi", "Hi!", "Hey", "Hey there!", "Good morning", "Good afternoon",
              "Good evening", "Hello there!", "Hi, how are you?")
@@ -246,22 +242,22 @@ CAN_DO = ("I can answer questions about simple pictures and short videos: shapes
 GREETING_ANSWER = "Hello! " + CAN_DO
 REFUSAL = ("Sorry, I can only answer questions about simple pictures and short videos: shapes, their colors, "
            "where they are, how many there are, written numbers and which way a shape moves.")
-OFF_TOPIC = (
+OFF_TOPIC = (  # anything outside the world gets REFUSAL, never an invented answer
     "What is the capital of France?", "Write a poem.", "Explain quantum physics.", "Who won the World Cup?",
     "Tell me a joke.", "What is 17 times 23?", "Translate 'thank you' into German.", "What's the weather like?",
     "Who are you voting for?", "Write a Python function that sorts a list.", "How do I bake bread?",
-    "What is the meaning of life?", "Summarize the news today.", "Recommend a good movie.",
-    "How tall is Mount Everest?", "What time is it?", "Who wrote Hamlet?", "Can you book me a flight?",
+    "What is the meaning of life?", "Summarize the news today.", "Recommend a good movie.", "What time is it?",
+    "How tall is Mount Everest?", "Who wrote Hamlet?", "Can you book me a flight?", "How do vaccines work?",
     "What is the best programming language?", "Explain how a car engine works.", "Write an essay about dogs.",
-    "What should I eat for dinner?", "How do vaccines work?", "Tell me a story.", "What is the stock price of Apple?",
+    "What should I eat for dinner?", "Tell me a story.", "What is the stock price of Apple?", "Who are you?",
     "How far away is the Moon?", "Give me some investment advice.", "What is your favourite song?",
     "Solve x^2 - 4 = 0.", "Who painted the Mona Lisa?", "How do I fix my wifi?", "Write a limerick about cats.",
     "What year did World War II end?", "Explain the theory of relativity.")
 
 
-def _phrase(rng: random.Random, key: str, **fields) -> str:
+def _phrase(rng: random.Random, key: str, exact: float = EXACT_SHARE, **fields) -> str:
     options = TEMPLATES[key]
-    return (options[0] if rng.random() < EXACT_SHARE else rng.choice(options[1:])).format(**fields)
+    return (options[0] if rng.random() < exact else rng.choice(options[1:])).format(**fields)
 
 
 def _scene_questions(scene: Scene) -> list[tuple[str, dict, str]]:
@@ -287,64 +283,60 @@ def _clip_questions(clip: Clip) -> list[tuple[str, dict, str]]:
     return [("video_direction", fields, f"{clip.direction}."), ("video_color", {}, f"{clip.moving.color}.")]
 
 
-def _chat(rng: random.Random, media: list[dict], turns) -> list[dict]:
+def _chat(rng: random.Random, media: list[dict], turns, exact: float = EXACT_SHARE) -> list[dict]:
     """User/assistant turns about the same media; only the first user turn carries it."""
     messages = []
     for i, (key, fields, answer) in enumerate(turns):
-        text = {"type": "text", "text": _phrase(rng, key, **fields)}
+        text = {"type": "text", "text": _phrase(rng, key, exact, **fields)}
         messages.append({"role": "user", "content": (media if i == 0 else []) + [text]})
         messages.append({"role": "assistant", "content": answer})
     return messages
 
 
-def _image(scene: Scene) -> dict:
-    return {"type": "image", "image": scene.image}
+def _media(item: Scene | Clip) -> dict:
+    if isinstance(item, Clip):
+        return {"type": "video", "video": list(item.frames), "fps": 2.0}
+    return {"type": "image", "image": item.image}
 
 
-def _video(clip: Clip) -> dict:
-    return {"type": "video", "video": list(clip.frames), "fps": 2.0}
-
-
-def make_example(rng: random.Random, category: str) -> dict:
-    """One training/evaluation chat: {"category", "messages", "answer" (= the last message), "world" (the
-    Scene/Clip objects it was drawn from, for checks; empty for text-only)}."""
+def make_example(rng: random.Random, category: str, exact: float = EXACT_SHARE) -> dict:
+    """One training/evaluation chat: {"category", "messages", "answer" (= the last message's content), "world"
+    (the Scene/Clip objects it was drawn from, for checks and display; empty for text-only)}.
+    `exact` is how often questions use the specification's exact phrasing (the evaluation passes 1.0)."""
     if category == "text_only":
         roll = rng.random()
         if roll < 0.3:
             question, answer = rng.choice(GREETINGS), GREETING_ANSWER
         elif roll < 0.5:
-            question, answer = _phrase(rng, "capability"), CAN_DO
+            question, answer = _phrase(rng, "capability", exact), CAN_DO
         else:
             question, answer = rng.choice(OFF_TOPIC), REFUSAL
-        messages, world = [{"role": "user", "content": question}, {"role": "assistant", "content": answer}], ()
-    elif category in ("video_direction", "video_color"):
-        clip = draw_clip(rng)
-        turn = next(q for q in _clip_questions(clip) if q[0] == category)
-        messages, world = _chat(rng, [_video(clip)], [turn]), (clip,)
+        messages = [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+        return {"category": category, "messages": messages, "answer": answer, "world": ()}
+    if category in ("video_direction", "video_color"):
+        world = (draw_clip(rng),)
+        turns = [q for q in _clip_questions(world[0]) if q[0] == category]
     elif category == "two_image":
         counts = rng.sample((1, 2, 3), 2)                 # two different counts: never a tie
-        scenes = tuple(draw_scene(rng, n_shapes=n) for n in counts)
-        answer = "the first image." if counts[0] > counts[1] else "the second image."
-        messages, world = _chat(rng, [_image(s) for s in scenes], [("two_image", {}, answer)]), scenes
+        world = tuple(draw_scene(rng, n_shapes=n) for n in counts)
+        turns = [("two_image", {}, "the first image." if counts[0] > counts[1] else "the second image.")]
     elif category == "multi_turn":
         if rng.random() < 0.25:
-            clip = draw_clip(rng)
-            turns, media, world = rng.sample(_clip_questions(clip), 2), [_video(clip)], (clip,)
+            world = (draw_clip(rng),)
+            turns = rng.sample(_clip_questions(world[0]), 2)
         else:
-            scene = draw_number_scene(rng) if rng.random() < 0.25 else draw_scene(rng)
-            options = _scene_questions(scene)
-            turns, media, world = rng.sample(options, rng.randint(2, 3)), [_image(scene)], (scene,)
-        messages = _chat(rng, media, turns)
+            world = (draw_number_scene(rng) if rng.random() < 0.25 else draw_scene(rng),)
+            turns = rng.sample(_scene_questions(world[0]), rng.randint(2, 3))
     elif category in CATEGORIES:                          # the single-image questions
-        while True:                       # redraw until the scene admits the question (e.g. a unique kind)
+        options = []
+        while not options:                # redraw until the scene admits the question (e.g. a unique kind)
             number = category == "number" or rng.random() < 0.2
-            scene = draw_number_scene(rng) if number else draw_scene(rng)
-            options = [q for q in _scene_questions(scene) if q[0] == category]
-            if options:
-                break
-        messages, world = _chat(rng, [_image(scene)], [rng.choice(options)]), (scene,)
+            world = (draw_number_scene(rng) if number else draw_scene(rng),)
+            options = [q for q in _scene_questions(world[0]) if q[0] == category]
+        turns = [rng.choice(options)]
     else:
         raise ValueError(f"unknown category {category!r}; expected one of {CATEGORIES}")
+    messages = _chat(rng, [_media(item) for item in world], turns, exact)
     return {"category": category, "messages": messages, "answer": messages[-1]["content"], "world": world}
 
 

@@ -12,10 +12,16 @@ from .language import KVCache
 from .rope import mrope_position_ids
 
 
-def prefill(model, batch, cache: KVCache):
-    """Run the whole prompt, filling the cache. -> last-position logits (B, V), rope_deltas (B, 1)."""
-    position_ids, rope_deltas = mrope_position_ids(batch.input_ids, batch.image_grid_thw, batch.video_grid_thw,
-                                                   batch.attention_mask, model.config)
+def prefill(model, batch, cache: KVCache, position_ids=None):
+    """Run the whole prompt, filling the cache. -> last-position logits (B, V), rope_deltas (B, 1).
+
+    position_ids (3, B, L) replace the M-RoPE ids when given (the lab's 1D-position ablation uses this).
+    """
+    if position_ids is None:
+        position_ids, rope_deltas = mrope_position_ids(batch.input_ids, batch.image_grid_thw,
+                                                       batch.video_grid_thw, batch.attention_mask, model.config)
+    else:                                       # the next token continues after the largest id of its row
+        rope_deltas = position_ids.amax(dim=(0, 2))[:, None] + 1 - batch.input_ids.shape[1]
     logits = model(batch.input_ids, batch.attention_mask, batch.pixel_values, batch.image_grid_thw,
                    batch.pixel_values_videos, batch.video_grid_thw, position_ids=position_ids,
                    cache=cache, cache_pos=0, last_only=True)                # (B, 1, V)
@@ -48,7 +54,7 @@ def sample(logits, temperature=0.0, top_p=1.0, top_k=0, generator=None):
 
 @torch.inference_mode()
 def generate(model, batch, max_new_tokens=128, temperature=0.0, top_p=1.0, top_k=0, stop_token_ids=None,
-             seed=None):
+             seed=None, position_ids=None):
     """Yield the next token id: an int for one conversation, a list of ints for a batch.
 
     Stops at the stop tokens (default: the batch's <|im_end|> / <|endoftext|>) or after max_new_tokens.
@@ -67,7 +73,7 @@ def generate(model, batch, max_new_tokens=128, temperature=0.0, top_p=1.0, top_k
     generator = torch.Generator(batch.input_ids.device).manual_seed(seed) if seed is not None else None
     attention_mask = torch.ones(B, L + max_new_tokens, dtype=torch.long, device=batch.input_ids.device)
     attention_mask[:, :L] = batch.attention_mask
-    logits, rope_deltas = prefill(model, batch, cache)
+    logits, rope_deltas = prefill(model, batch, cache, position_ids)
     done = torch.zeros(B, dtype=torch.bool, device=stop.device)
     last = None
     for step in range(max_new_tokens):

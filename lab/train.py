@@ -1,0 +1,286 @@
+"""The Qwen2-VL training recipe in miniature: trains the lab's own nano model on the synthetic world.
+
+Stage 0 warms up the language model on text alone (it stands in for "initialised from Qwen2"). Then come
+the paper's three stages (Qwen2-VL section 2.3): 1) the LLM is frozen and the ViT and merger learn from
+image-caption pairs; 2) everything trains on the mixed data; 3) the ViT is frozen and the LLM is
+instruction-tuned on ChatML conversations, with the loss on the assistant's tokens only.
+Run it with `python -m lab.train` (seeded, about 20 min on 2 CPU cores). `torchrun --nproc_per_node=N -m lab.train`
+runs the same script under DistributedDataParallel.
+"""
+import argparse
+import json
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+import qwen2vl_min as q
+from qwen2vl_min.config import Qwen2VLConfig, TextConfig, VisionConfig
+from qwen2vl_min.rope import mrope_position_ids
+
+from . import synthetic
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+                  "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
+                  "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]   # Qwen2-VL's, in its order
+NANO_DIR = Path(__file__).resolve().parent.parent / "checkpoints" / "qwen2vl-nano"
+TOKENS_PER_IMAGE = 64                    # the nano's pixel cap: at most 64 merged tokens (8x8) per image
+IGNORE = -100                            # label of positions that carry no loss
+
+
+# ---------------------------------------------------------------- tokenizer, config, processor
+def corpus(seed: int = 0, n: int = 4000):
+    """Every kind of text the world produces: questions, answers, captions, the chat template's words."""
+    rng = random.Random(seed)
+    texts = ["system", "user", "assistant", q.processor.DEFAULT_SYSTEM, synthetic.REFUSAL, synthetic.GREETING_ANSWER]
+    texts += list(synthetic.OFF_TOPIC) + list(synthetic.GREETINGS)
+    for _ in range(n):
+        for m in sample_example(rng)["messages"]:
+            content = m["content"]
+            texts += [content] if isinstance(content, str) else [c["text"] for c in content if "text" in c]
+    return texts
+
+
+def build_tokenizer(texts, vocab_size: int = 1024):
+    """Byte-level BPE (any UTF-8 text encodes), the Qwen2-VL special tokens after the learned vocabulary."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(SPECIAL_TOKENS), show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    tok.add_special_tokens(SPECIAL_TOKENS)
+    return tok
+
+
+def nano_config(tok) -> Qwen2VLConfig:
+    """A genuine Qwen2-VL config, small: ViT 4 x 128, LLM 4 x 256, head_dim 32 with mrope_section [4, 6, 6]."""
+    vocab = math.ceil(tok.get_vocab_size() / 64) * 64
+    text = TextConfig(vocab_size=vocab, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
+                      num_attention_heads=8, num_key_value_heads=4, rms_norm_eps=1e-6, rope_theta=10000.0,
+                      mrope_section=(4, 6, 6), max_position_embeddings=1024, tie_word_embeddings=True)
+    vision = VisionConfig(depth=4, embed_dim=128, num_heads=4, mlp_ratio=4, hidden_size=256)
+    ids = {name: tok.token_to_id(f"<|{name}|>") for name in ("image_pad", "video_pad", "vision_start", "vision_end")}
+    return Qwen2VLConfig(text=text, vision=vision, image_token_id=ids["image_pad"], video_token_id=ids["video_pad"],
+                         vision_start_token_id=ids["vision_start"], vision_end_token_id=ids["vision_end"])
+
+
+def init_weights(model, std=0.02):
+    """Small normal weights, zero biases (as transformers initialises Qwen2-VL); norms keep ones / zeros.
+    PyTorch's defaults (N(0, 1) embeddings, tied to the output layer) start the loss near 40."""
+    for m in model.modules():
+        if isinstance(m, (torch.nn.Linear, torch.nn.Conv3d, torch.nn.Embedding)):
+            torch.nn.init.normal_(m.weight, 0.0, std)
+            if getattr(m, "bias", None) is not None:
+                torch.nn.init.zeros_(m.bias)
+    return model
+
+
+def nano_processor(tok) -> q.Processor:
+    """Images capped at 64 tokens; video frames at 16 tokens per temporal patch (an 8-frame clip = 64)."""
+    return q.Processor(tok, min_pixels=4 * 28 * 28, max_pixels=TOKENS_PER_IMAGE * 28 * 28,
+                       chat_template=q.processor.QWEN2VL_CHAT_TEMPLATE,
+                       video_pixels={"min_pixels": 4 * 28 * 28, "max_pixels": 16 * 28 * 28})
+
+
+# ---------------------------------------------------------------- data
+def sample_example(rng, weights=None):
+    return synthetic.sample_example(rng, weights)
+
+
+def labels_for(input_ids, attention_mask, processor, loss_on: str):
+    """Which next tokens are trained. (B, L) -> (B, L) token ids, IGNORE elsewhere.
+
+    "assistant": the answers and their <|im_end|> (so the model learns to stop) — stages 1 and 3.
+    "text": every real text token, the questions too (pretraining style) — stages 0 and 2.
+    """
+    labels = torch.full_like(input_ids, IGNORE)
+    if loss_on == "text":
+        keep = attention_mask.bool() & (input_ids != processor.image_token_id) & (input_ids != processor.video_token_id)
+        return labels.masked_scatter(keep, input_ids[keep])
+    head = processor.tokenizer.encode("<|im_start|>assistant\n", add_special_tokens=False).ids
+    end = processor.eos_token_ids[0]                                        # <|im_end|>
+    for b, row in enumerate(input_ids.tolist()):
+        i = 0
+        while i <= len(row) - len(head):
+            if row[i:i + len(head)] == head:
+                j = row.index(end, i + len(head)) if end in row[i + len(head):] else len(row) - 1
+                labels[b, i + len(head):j + 1] = input_ids[b, i + len(head):j + 1]
+                i = j
+            i += 1
+    return labels
+
+
+def make_batch(processor, examples, loss_on):
+    batch = processor.batch([ex["messages"] for ex in examples], add_generation_prompt=False)
+    return batch, labels_for(batch.input_ids, batch.attention_mask, processor, loss_on)
+
+
+def positions(batch, config, mode: str):
+    """M-RoPE ids (3, B, L), or the ablation: plain 1D positions (all three rows = the token index)."""
+    if mode == "mrope":
+        return mrope_position_ids(batch.input_ids, batch.image_grid_thw, batch.video_grid_thw,
+                                  batch.attention_mask, config)[0]
+    pos = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
+    return pos[None].expand(3, -1, -1)
+
+
+# ---------------------------------------------------------------- the recipe
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    steps: int
+    lr: float
+    train: tuple          # which top-level parts learn: "visual", "model" (the LLM; lm_head is tied to it)
+    loss_on: str
+    weights: dict = field(default_factory=dict)   # category -> sampling weight
+
+
+TEXT_ONLY = {"text_only": 1.0}
+STAGES = (
+    Stage("0 text warm-up", 300, 2e-3, ("model",), "text", TEXT_ONLY),
+    Stage("1 ViT + merger, LLM frozen", 600, 2e-3, ("visual",), "assistant", {"caption": 1.0}),
+    Stage("2 everything, mixed data", 2200, 1e-3, ("visual", "model"), "text", synthetic.DEFAULT_WEIGHTS),
+    Stage("3 instruction tuning, ViT frozen", 900, 4e-4, ("model",), "assistant", synthetic.DEFAULT_WEIGHTS),
+)
+
+
+def lr_at(step, stage):
+    """Linear warm-up over 5 % of the stage, then cosine decay to 10 % of the peak."""
+    warm = max(1, stage.steps // 20)
+    if step < warm:
+        return stage.lr * (step + 1) / warm
+    t = (step - warm) / max(1, stage.steps - warm)
+    return stage.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * t)))
+
+
+def train_stage(model, processor, stage, rng, batch_size, device, pos_mode, rank, world, show=True):
+    """One stage: freeze what it freezes, train, return the loss of every step."""
+    for name, p in model.named_parameters():
+        p.requires_grad = name.split(".")[0] in stage.train or (name.startswith("lm_head") and "model" in stage.train)
+    params = [p for p in model.parameters() if p.requires_grad]
+    net = DistributedDataParallel(model, find_unused_parameters=True) if world > 1 else model
+    opt = torch.optim.AdamW(params, lr=stage.lr, betas=(0.9, 0.95), weight_decay=0.01)
+    losses = []
+    bar = tqdm(range(stage.steps), desc=f"stage {stage.name}", disable=not show or rank != 0, dynamic_ncols=True)
+    for step in bar:
+        batch, labels = make_batch(processor, [sample_example(rng, stage.weights) for _ in range(batch_size)],
+                                   stage.loss_on)
+        batch, labels = batch.to(device), labels.to(device)
+        logits = net(batch.input_ids, batch.attention_mask, batch.pixel_values, batch.image_grid_thw,
+                     batch.pixel_values_videos, batch.video_grid_thw,
+                     position_ids=positions(batch, model.config, pos_mode).to(device))
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, stage)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
+    for p in model.parameters():
+        p.requires_grad = True
+    return losses
+
+
+def plot_losses(log, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(log), figsize=(4 * len(log), 3), constrained_layout=True)
+    for ax, (name, losses) in zip(axes, log.items()):
+        smooth = [sum(losses[max(0, i - 19):i + 1]) / len(losses[max(0, i - 19):i + 1]) for i in range(len(losses))]
+        ax.plot(losses, color="#56B4E9", alpha=0.4, lw=0.8, label="step")
+        ax.plot(smooth, color="#0072B2", lw=1.5, label="mean of 20")
+        ax.set(title=f"stage {name}", xlabel="step", ylabel="loss", yscale="log")
+        ax.legend(fontsize=7)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def train(out=NANO_DIR, seed=0, scale=1.0, batch_size=16, pos_mode="mrope", evaluate_n=200, show=True):
+    """The whole recipe. Writes the checkpoint (and its training log) to `out` atomically; returns the log."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    rank = dist.get_rank() if world > 1 else 0
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(seed)                       # same initial weights on every rank
+    tok = build_tokenizer(corpus(seed))
+    config, processor = nano_config(tok), nano_processor(tok)
+    model = init_weights(q.Qwen2VL(config)).to(device)
+    rng = random.Random(seed * 1000 + rank + 1)   # each rank draws its own examples
+    log, times, start = {}, {}, time.time()
+    for stage in STAGES:
+        stage = Stage(stage.name, max(1, round(stage.steps * scale)), stage.lr, stage.train, stage.loss_on,
+                      stage.weights)
+        t0 = time.time()
+        log[stage.name] = train_stage(model, processor, stage, rng, batch_size // world, device, pos_mode, rank,
+                                      world, show)
+        times[stage.name] = time.time() - t0
+    summary = {"seed": seed, "scale": scale, "batch_size": batch_size, "positions": pos_mode, "world_size": world,
+               "train_seconds": round(time.time() - start), "stage_seconds": {k: round(v) for k, v in times.items()},
+               "parameters": sum(p.numel() for p in model.parameters()), "device": str(device)}
+    if rank == 0:
+        model.eval()
+        if evaluate_n:
+            from .evaluate import evaluate
+            summary["evaluation"] = evaluate(model, processor, n=evaluate_n, positions=pos_mode, show=show)
+        write_checkpoint(model, processor, Path(out), log, summary)
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return summary
+
+
+def write_checkpoint(model, processor, out: Path, log, summary):
+    """The checkpoint plus training/ (loss curves, log); staged in a sibling folder, then swapped in."""
+    stage_dir = out.parent / f".{out.name}.new"
+    shutil.rmtree(stage_dir, ignore_errors=True)
+    q.save(model, processor, stage_dir)
+    (stage_dir / "training").mkdir()
+    (stage_dir / "training" / "log.json").write_text(json.dumps({"summary": summary, "losses": log}))
+    plot_losses(log, stage_dir / "training" / "loss_curves.png")
+    if (out / "README.md").exists():              # the model card is written by lab.evaluate --card
+        shutil.copy(out / "README.md", stage_dir / "README.md")
+    for extra in ("ablation_1d.json", "ablation_mrope.json"):
+        if (out / "training" / extra).exists():
+            shutil.copy(out / "training" / extra, stage_dir / "training" / extra)
+    old = out.parent / f".{out.name}.old"
+    if out.exists():
+        os.replace(out, old)
+    os.replace(stage_dir, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m lab.train", description=__doc__.splitlines()[0])
+    p.add_argument("--out", default=str(NANO_DIR), help="checkpoint directory to write")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--scale", type=float, default=1.0, help="multiply every stage's steps (0.05 = smoke run)")
+    p.add_argument("--batch-size", type=int, default=16, help="global batch, split over the processes")
+    p.add_argument("--positions", choices=["mrope", "1d"], default="mrope",
+                   help="1d = the ablation: all three position rows equal the token index")
+    p.add_argument("--eval", type=int, default=200, help="held-out questions per category (0 = skip)")
+    a = p.parse_args(argv)
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("WORLD_SIZE", "1"))))
+    s = train(a.out, a.seed, a.scale, a.batch_size, a.positions, a.eval)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps({k: v for k, v in s.items() if k != "evaluation"}, indent=1))
+        if "evaluation" in s:
+            print(json.dumps(s["evaluation"], indent=1))
+
+
+if __name__ == "__main__":
+    main()
