@@ -1,0 +1,99 @@
+"""The nano recipe: tokenizer, labels, a short training run that lowers the loss, and the 2-process
+torchrun run (DistributedDataParallel over gloo)."""
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import qwen2vl_min as q
+from lab import synthetic, train
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return train.build_tokenizer(train.corpus(seed=0, n=300))
+
+
+@pytest.mark.parametrize("text", ["What color is the circle?", "Grüße aus Köln! 你好，世界 🙂🚀",
+                                  "tabs\tand\nnewlines\r\n", "<not a special token>", "∑ x² ≥ 0 — ok?",
+                                  "\u0000\u00ff\U0010ffff"])
+def test_tokenizer_round_trips_any_text(tok, text):
+    ids = tok.encode(text, add_special_tokens=False).ids
+    assert tok.decode(ids, skip_special_tokens=False) == text
+
+
+def test_tokenizer_has_the_qwen_special_tokens_as_single_tokens(tok):
+    for special in train.SPECIAL_TOKENS:
+        assert tok.encode(special, add_special_tokens=False).ids == [tok.token_to_id(special)]
+    assert tok.encode("What color is the circle?", add_special_tokens=False).ids.__len__() <= 8  # BPE learned words
+
+
+def test_labels_cover_answers_and_im_end_only(tok):
+    processor = train.nano_processor(tok)
+    rng = random.Random(1)
+    examples = [synthetic.make_example(rng, "multi_turn"), synthetic.make_example(rng, "text_only")]
+    batch, labels = train.make_batch(processor, examples, "assistant")
+    im_end = processor.eos_token_ids[0]
+    for b, ex in enumerate(examples):
+        kept = labels[b][labels[b] != train.IGNORE].tolist()
+        answers = [m["content"] for m in ex["messages"] if m["role"] == "assistant"]
+        expected = []
+        for a in answers:
+            expected += tok.encode(a, add_special_tokens=False).ids + [im_end]
+        assert kept == expected
+    _, text_labels = train.make_batch(processor, examples, "text")
+    assert (text_labels != train.IGNORE).sum() > (labels != train.IGNORE).sum()
+    assert not (text_labels == processor.image_token_id).any()         # placeholders are inputs, not targets
+    assert (text_labels[batch.attention_mask == 0] == train.IGNORE).all()  # nor is the padding
+
+
+def test_nano_config_is_a_genuine_small_qwen2vl(tok):
+    cfg = train.nano_config(tok)
+    assert q.Qwen2VLConfig.from_dict(cfg.to_dict()) == cfg
+    assert cfg.text.head_dim == 32 and cfg.text.mrope_section == (4, 6, 6)
+    assert cfg.text.vocab_size >= tok.get_vocab_size()
+    processor = train.nano_processor(tok)
+    big = processor([{"role": "user", "content": [{"type": "image", "image": synthetic.draw_scene(
+        random.Random(0), size=(336, 336)).image}, {"type": "text", "text": "Describe the image."}]}])
+    assert big.media[0]["tokens"] <= train.TOKENS_PER_IMAGE
+
+
+def test_a_short_run_lowers_the_loss(tok):
+    torch.manual_seed(0)
+    processor = train.nano_processor(tok)
+    model = train.init_weights(q.Qwen2VL(train.nano_config(tok)))
+    stage = train.Stage("smoke", 40, 2e-3, ("visual", "model"), "assistant", synthetic.DEFAULT_WEIGHTS)
+    losses = train.train_stage(model, processor, stage, random.Random(0), 8, torch.device("cpu"), "mrope", 0, 1,
+                               show=False)
+    assert len(losses) == 40
+    assert sum(losses[-5:]) / 5 < 0.6 * sum(losses[:5]) / 5
+
+
+def test_stage_freezing_trains_only_its_parts(tok):
+    torch.manual_seed(0)
+    processor = train.nano_processor(tok)
+    model = train.init_weights(q.Qwen2VL(train.nano_config(tok)))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    stage = train.Stage("frozen LLM", 2, 1e-3, ("visual",), "assistant", {"caption": 1.0})
+    train.train_stage(model, processor, stage, random.Random(0), 4, torch.device("cpu"), "mrope", 0, 1, show=False)
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith("visual.") for k in changed)
+    assert any(k.startswith("visual.blocks.") for k in changed) and any(k.startswith("visual.merger.") for k in changed)
+
+
+def test_torchrun_two_processes(tmp_path):
+    """The unchanged script under torchrun: 2 CPU processes, DistributedDataParallel over gloo, a few steps."""
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+                        "-m", "lab.train", "--scale", "0.004", "--batch-size", "4", "--eval", "0", "--out", str(out)],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert '"world_size": 2' in r.stdout
+    model, processor = q.load(out, device="cpu")
+    assert sum(p.numel() for p in model.parameters()) > 1_000_000
+    assert (out / "training" / "loss_curves.png").stat().st_size > 1000
