@@ -51,10 +51,12 @@ def corpus(seed: int = 0, n: int = 4000):
 
 
 def build_tokenizer(texts, vocab_size: int = 1024):
-    """Byte-level BPE (any UTF-8 text encodes), the Qwen2-VL special tokens after the learned vocabulary."""
+    """Byte-level BPE (any UTF-8 text encodes), the Qwen2-VL special tokens after the learned vocabulary.
+    Digits are split one by one, as Qwen2's tokenizer does, so "742" is read and written digit by digit."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(SPECIAL_TOKENS), show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
@@ -94,8 +96,24 @@ def nano_processor(tok) -> q.Processor:
 
 
 # ---------------------------------------------------------------- data
+def text_document(rng):
+    """Stage 0's text: a few of the world's questions and answers run together as one user message, so the
+    LLM learns the world's words (as Qwen2 knew English) without ever pairing a question with an image."""
+    parts = []
+    for _ in range(rng.randint(2, 4)):
+        ex = synthetic.sample_example(rng)
+        for m in ex["messages"]:
+            content = m["content"]
+            parts += [content] if isinstance(content, str) else [c["text"] for c in content if "text" in c]
+    return {"category": "text_document", "messages": [{"role": "user", "content": " ".join(parts)}]}
+
+
 def sample_example(rng, weights=None):
-    return synthetic.sample_example(rng, weights)
+    """An example of the synthetic world, or a text document when the weights ask for "text_document"."""
+    weights = weights or synthetic.DEFAULT_WEIGHTS
+    if rng.random() < weights.get("text_document", 0.0) / sum(weights.values()):
+        return text_document(rng)
+    return synthetic.sample_example(rng, {k: v for k, v in weights.items() if k != "text_document"})
 
 
 def labels_for(input_ids, attention_mask, processor, loss_on: str):
@@ -119,6 +137,29 @@ def labels_for(input_ids, attention_mask, processor, loss_on: str):
                 i = j
             i += 1
     return labels
+
+
+def approx_len(example) -> int:
+    """A cheap guess of an example's token count, to group similar lengths (less padding per batch)."""
+    n = 0
+    for m in example["messages"]:
+        for c in [{"text": m["content"]}] if isinstance(m["content"], str) else m["content"]:
+            if "image" in c:
+                n += min(TOKENS_PER_IMAGE, c["image"].width * c["image"].height // 784)
+            elif "video" in c:
+                n += 8 * len(c["video"])
+            else:
+                n += len(c.get("text", "")) // 4
+    return n
+
+
+def batches(rng, weights, batch_size, group=4):
+    """Endless batches of examples: draw `group` batches' worth, sort by length, deal them out shuffled."""
+    while True:
+        pool = sorted((sample_example(rng, weights) for _ in range(batch_size * group)), key=approx_len)
+        chunks = [pool[i:i + batch_size] for i in range(0, len(pool), batch_size)]
+        rng.shuffle(chunks)
+        yield from chunks
 
 
 def make_batch(processor, examples, loss_on):
@@ -146,7 +187,7 @@ class Stage:
     weights: dict = field(default_factory=dict)   # category -> sampling weight
 
 
-TEXT_ONLY = {"text_only": 1.0}
+TEXT_ONLY = {"text_only": 1.0, "text_document": 3.0}
 STAGES = (
     Stage("0 text warm-up", 300, 2e-3, ("model",), "text", TEXT_ONLY),
     Stage("1 ViT + merger, LLM frozen", 600, 2e-3, ("visual",), "assistant", {"caption": 1.0}),
@@ -173,9 +214,9 @@ def train_stage(model, processor, stage, rng, batch_size, device, pos_mode, rank
     opt = torch.optim.AdamW(params, lr=stage.lr, betas=(0.9, 0.95), weight_decay=0.01)
     losses = []
     bar = tqdm(range(stage.steps), desc=f"stage {stage.name}", disable=not show or rank != 0, dynamic_ncols=True)
+    data = batches(rng, stage.weights, batch_size)
     for step in bar:
-        batch, labels = make_batch(processor, [sample_example(rng, stage.weights) for _ in range(batch_size)],
-                                   stage.loss_on)
+        batch, labels = make_batch(processor, next(data), stage.loss_on)
         batch, labels = batch.to(device), labels.to(device)
         logits = net(batch.input_ids, batch.attention_mask, batch.pixel_values, batch.image_grid_thw,
                      batch.pixel_values_videos, batch.video_grid_thw,
@@ -237,7 +278,10 @@ def train(out=NANO_DIR, seed=0, scale=1.0, batch_size=16, pos_mode="mrope", eval
         if evaluate_n:
             from .evaluate import evaluate
             summary["evaluation"] = evaluate(model, processor, n=evaluate_n, positions=pos_mode, show=show)
+            summary["evaluation_n"] = evaluate_n
         write_checkpoint(model, processor, Path(out), log, summary)
+        from .card import write_card
+        write_card(Path(out))
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
@@ -252,16 +296,27 @@ def write_checkpoint(model, processor, out: Path, log, summary):
     (stage_dir / "training").mkdir()
     (stage_dir / "training" / "log.json").write_text(json.dumps({"summary": summary, "losses": log}))
     plot_losses(log, stage_dir / "training" / "loss_curves.png")
-    if (out / "README.md").exists():              # the model card is written by lab.evaluate --card
-        shutil.copy(out / "README.md", stage_dir / "README.md")
-    for extra in ("ablation_1d.json", "ablation_mrope.json"):
-        if (out / "training" / extra).exists():
-            shutil.copy(out / "training" / extra, stage_dir / "training" / extra)
+    if (out / "training" / "ablation.json").exists():   # the ablation is a separate, slower run: keep it
+        shutil.copy(out / "training" / "ablation.json", stage_dir / "training" / "ablation.json")
     old = out.parent / f".{out.name}.old"
     if out.exists():
         os.replace(out, old)
     os.replace(stage_dir, out)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def ablation(out=NANO_DIR, seed=0, scale=0.4, n=200):
+    """M-RoPE vs plain 1D positions, both retrained with the same shorter schedule; the result goes in the
+    card of `out` (training/ablation.json). Whatever the outcome, it is reported as measured."""
+    import tempfile
+    result = {"seed": seed, "scale": scale, "n": n}
+    with tempfile.TemporaryDirectory() as tmp:
+        for mode in ("mrope", "1d"):
+            result[mode] = train(Path(tmp) / mode, seed, scale, pos_mode=mode, evaluate_n=n)["evaluation"]
+    (Path(out) / "training" / "ablation.json").write_text(json.dumps(result, indent=1))
+    from .card import write_card
+    write_card(Path(out))
+    return result
 
 
 def main(argv=None):
@@ -273,8 +328,14 @@ def main(argv=None):
     p.add_argument("--positions", choices=["mrope", "1d"], default="mrope",
                    help="1d = the ablation: all three position rows equal the token index")
     p.add_argument("--eval", type=int, default=200, help="held-out questions per category (0 = skip)")
+    p.add_argument("--ablation", action="store_true",
+                   help="instead: retrain M-RoPE and 1D-position models on a shorter schedule (--scale, default "
+                        "0.4) and add the comparison to the card of --out")
     a = p.parse_args(argv)
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("WORLD_SIZE", "1"))))
+    if a.ablation:
+        print(json.dumps(ablation(a.out, a.seed, a.scale if a.scale != 1.0 else 0.4, a.eval), indent=1))
+        return
     s = train(a.out, a.seed, a.scale, a.batch_size, a.positions, a.eval)
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps({k: v for k, v in s.items() if k != "evaluation"}, indent=1))

@@ -1,18 +1,22 @@
 """The quickest way to try a checkpoint: python -m qwen2vl_min --model SRC --image F --prompt "..."
 
-Streams the answer to stdout. SRC is a local checkpoint directory or a hub id (Qwen/Qwen2-VL-2B-Instruct).
+Streams the answer to stdout. SRC is a local checkpoint directory or a hub id (Qwen/Qwen2-VL-2B-Instruct);
+without --model it is the lab's own nano model, shipped in checkpoints/qwen2vl-nano.
 """
 import argparse
 import sys
+from pathlib import Path
 
 import torch
 
 from . import generate, load, stream_text
 
+NANO = Path(__file__).resolve().parent.parent / "checkpoints" / "qwen2vl-nano"
+
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m qwen2vl_min", description=__doc__.splitlines()[0])
-    p.add_argument("--model", required=True, help="checkpoint directory or hub id")
+    p.add_argument("--model", default=str(NANO), help="checkpoint directory or hub id (default: the nano model)")
     p.add_argument("--image", action="append", default=[], help="image file (repeat for several)")
     p.add_argument("--video", action="append", default=[], help="video file (repeat for several)")
     p.add_argument("--prompt", default="Describe this.", help="the question")

@@ -10,7 +10,7 @@ import torch
 from transformers import GenerationConfig
 
 import qwen2vl_min as q
-from helpers import mm_token_type_ids, random_image
+from helpers import VIDEO_PIXELS, image, mm_token_type_ids, random_image, text, user, video  # noqa: F401
 from qwen2vl_min.rope import mrope_position_ids
 
 TOL = 1e-4
@@ -25,25 +25,8 @@ IMG_BIG = random_image(300, 200, seed=3)         # capped by max_pixels -> resiz
 IMG_SQUARE = random_image(112, 112, seed=7)      # -> grid (1, 8, 8): 16 tokens
 # Videos: small random frames; per-item pixel limits keep the frames at their size (84x112 -> grid 6x8)
 # instead of the video default minimum of 128 tokens per frame.
-VIDEO_PIXELS = {"min_pixels": 4 * 28 * 28, "max_pixels": 16 * 28 * 28}
 FRAMES_5 = [random_image(112, 84, seed=20 + i) for i in range(5)]    # odd: padded to 6 -> grid_t 3
 FRAMES_4 = [random_image(84, 56, seed=40 + i) for i in range(4)]     # -> grid (2, 4, 6)
-
-
-def user(*content):
-    return [{"role": "user", "content": list(content)}]
-
-
-def image(img):
-    return {"type": "image", "image": img}
-
-
-def video(frames):
-    return {"type": "video", "video": frames, **VIDEO_PIXELS}
-
-
-def text(s):
-    return {"type": "text", "text": s}
 
 
 CONVS = {

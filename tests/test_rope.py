@@ -3,29 +3,12 @@ vision 2D-RoPE ids (REFERENCE 2.1), and the cos/sin tables vs transformers' rota
 import pytest
 import torch
 
-from helpers import mm_token_type_ids, random_image, token_ids
+from helpers import image, mm_token_type_ids, random_image, text, token_ids, user, video
 from qwen2vl_min.rope import mrope_cos_sin, mrope_position_ids, vision_cos_sin, vision_position_ids
 
-VIDEO_PIXELS = {"min_pixels": 4 * 28 * 28, "max_pixels": 16 * 28 * 28}   # keep the frames at 84x112
 IMG_A = random_image(84, 56, seed=1)          # grid (1, 4, 6)
 IMG_B = random_image(56, 140, seed=2)         # grid (1, 10, 4)
 FRAMES = [random_image(112, 84, seed=20 + i) for i in range(6)]   # grid (3, 6, 8): T=3 <= max(3, 4)
-
-
-def user(*content):
-    return [{"role": "user", "content": list(content)}]
-
-
-def image(img):
-    return {"type": "image", "image": img}
-
-
-def video(frames):
-    return {"type": "video", "video": frames, **VIDEO_PIXELS}
-
-
-def text(s):
-    return {"type": "text", "text": s}
 
 
 CONVS = {
