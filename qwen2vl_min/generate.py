@@ -28,11 +28,27 @@ def prefill(model, batch, cache: KVCache, position_ids=None):
     return logits[:, -1], rope_deltas
 
 
-def decode_step(model, tokens, attention_mask, cache: KVCache, cache_pos: int, rope_deltas):
-    """One new token per row: tokens (B, 1) written at cache index cache_pos -> logits (B, V)."""
+def decode_step(model, tokens, attention_mask, cache: KVCache, cache_pos, rope_deltas):
+    """One new token per row: tokens (B, 1) written at cache index cache_pos -> logits (B, V).
+
+    cache_pos is a 0-dim device tensor and attention_mask (B, max_len) spans the whole cache, so every step
+    has the same shapes: one compiled graph (CUDA graph) serves them all, with no host synchronisation.
+    """
     B = tokens.shape[0]
     positions = (cache_pos + rope_deltas).view(1, B, 1).expand(3, B, 1)      # same id on t, h, w rows
     return model(tokens, attention_mask, position_ids=positions, cache=cache, cache_pos=cache_pos)[:, -1]
+
+
+_compiled = {}
+
+
+def compiled_decode_step(cache: KVCache):
+    """decode_step under torch.compile(mode="reduce-overhead"): CUDA graphs replay the whole step."""
+    for t in (cache.k, cache.v):              # the cache is mutated in place: keep its address fixed
+        torch._dynamo.mark_static_address(t)
+    if "step" not in _compiled:
+        _compiled["step"] = torch.compile(decode_step, mode="reduce-overhead", fullgraph=True)
+    return _compiled["step"]
 
 
 def sample(logits, temperature=0.0, top_p=1.0, top_k=0, generator=None):
@@ -54,11 +70,13 @@ def sample(logits, temperature=0.0, top_p=1.0, top_k=0, generator=None):
 
 @torch.inference_mode()
 def generate(model, batch, max_new_tokens=128, temperature=0.0, top_p=1.0, top_k=0, stop_token_ids=None,
-             seed=None, position_ids=None):
+             seed=None, position_ids=None, compile=False):
     """Yield the next token id: an int for one conversation, a list of ints for a batch.
 
     Stops at the stop tokens (default: the batch's <|im_end|> / <|endoftext|>) or after max_new_tokens.
     In a batch, a row that has stopped repeats its stop token until every row has stopped.
+    compile=True runs the decode step compiled (CUDA graphs); the cache length is then rounded up to a
+    multiple of 256 so that prompts of similar length reuse one compiled graph.
     """
     cfg = model.config.text
     B, L = batch.input_ids.shape
@@ -68,18 +86,20 @@ def generate(model, batch, max_new_tokens=128, temperature=0.0, top_p=1.0, top_k
     max_new_tokens = min(max_new_tokens, cfg.max_position_embeddings - L)
     stop = torch.tensor(stop_token_ids if stop_token_ids is not None else batch.stop_token_ids,
                         device=batch.input_ids.device)
-    dtype = next(model.parameters()).dtype
-    cache = KVCache(cfg, B, L + max_new_tokens, batch.input_ids.device, dtype)
-    generator = torch.Generator(batch.input_ids.device).manual_seed(seed) if seed is not None else None
-    attention_mask = torch.ones(B, L + max_new_tokens, dtype=torch.long, device=batch.input_ids.device)
+    device, dtype = batch.input_ids.device, next(model.parameters()).dtype
+    max_len = L + max_new_tokens if not compile else -(-(L + max_new_tokens) // 256) * 256
+    cache = KVCache(cfg, B, max_len, device, dtype)
+    step_fn = compiled_decode_step(cache) if compile else decode_step
+    generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
+    attention_mask = torch.ones(B, max_len, dtype=torch.long, device=device)   # future slots: masked causally
     attention_mask[:, :L] = batch.attention_mask
     logits, rope_deltas = prefill(model, batch, cache, position_ids)
-    done = torch.zeros(B, dtype=torch.bool, device=stop.device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
     last = None
     for step in range(max_new_tokens):
         if step:
-            logits = decode_step(model, last[:, None], attention_mask[:, :L + step], cache, L + step - 1,
-                                 rope_deltas)
+            cache_pos = torch.tensor(L + step - 1, device=device)
+            logits = step_fn(model, last[:, None], attention_mask, cache, cache_pos, rope_deltas)
         token = sample(logits, temperature, top_p, top_k, generator)          # (B,)
         token = torch.where(done, last, token) if last is not None else token
         yield token.item() if B == 1 else token.tolist()

@@ -60,7 +60,12 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, L, self.K, self.D).transpose(1, 2)
         cos, sin = cos[:, None], sin[:, None]                           # (B, L, D) -> (B, 1, L, D)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None:                                           # write, then read the whole prefix
+        if cache is not None and isinstance(cache_pos, torch.Tensor):   # decode: static shapes (CUDA graphs)
+            idx = cache_pos + torch.arange(L, device=x.device)          # write at a device-side index ...
+            cache.k[self.layer_idx].index_copy_(2, idx, k)
+            cache.v[self.layer_idx].index_copy_(2, idx, v)
+            k, v = cache.k[self.layer_idx], cache.v[self.layer_idx]     # ... read all max_len keys, mask the rest
+        elif cache is not None:                                         # prefill: write, then read the prefix
             cache.k[self.layer_idx, :, :, cache_pos:cache_pos + L] = k
             cache.v[self.layer_idx, :, :, cache_pos:cache_pos + L] = v
             k = cache.k[self.layer_idx, :, :, :cache_pos + L]           # (B, K, S, D)
@@ -101,7 +106,12 @@ def attention_mask_4d(attention_mask, L: int, cache_pos: int):
     Causal (query i sees keys <= cache_pos + i) and no padding keys; every token also sees itself, so the
     rows of left-padding tokens are never empty (an all-masked row would give NaN and poison later layers).
     Returns None when there is no padding and plain causal attention does the job (fast SDPA path).
+    A tensor cache_pos means static decoding: the mask then spans all attention_mask.shape[1] cache slots.
     """
+    if isinstance(cache_pos, torch.Tensor):
+        k_pos = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+        q_pos = cache_pos + torch.arange(L, device=attention_mask.device)
+        return ((k_pos[None, :] <= q_pos[:, None])[None] & attention_mask[:, None, :].bool())[:, None]
     if attention_mask is None and (L == 1 or cache_pos == 0):
         return None
     S = cache_pos + L

@@ -31,13 +31,13 @@ class Qwen2VL(nn.Module):
         x = self.model.embed_tokens(input_ids)
         for kind, token_id, pixels, grid in (("image", self.config.image_token_id, pixel_values, image_grid_thw),
                                              ("video", self.config.video_token_id, pixel_values_videos, video_grid_thw)):
+            if pixels is None:               # (no check while decoding one token: it would sync the GPU)
+                if input_ids.shape[1] > 1 and bool((input_ids == token_id).any()):
+                    raise ValueError(f"input_ids hold <|{kind}_pad|> tokens but no {kind} pixels were given; "
+                                     f"pass pixel_values{'_videos' if kind == 'video' else ''} too")
+                continue
             slots = input_ids == token_id                                    # (B, L)
             n_slots = int(slots.sum())
-            if pixels is None:
-                if n_slots:
-                    raise ValueError(f"input_ids hold {n_slots} <|{kind}_pad|> tokens but no {kind} pixels were "
-                                     f"given; pass pixel_values{'_videos' if kind == 'video' else ''} too")
-                continue
             features = self.visual(pixels, grid)                             # (N/4, C)
             if n_slots != features.shape[0]:
                 raise ValueError(f"{kind} placeholders and features do not match: {n_slots} <|{kind}_pad|> "
@@ -54,6 +54,7 @@ class Qwen2VL(nn.Module):
 
         attention_mask (B, S) covers every token so far (cached and new; 0 = left padding).
         position_ids (3, B, L) are M-RoPE ids; computed here when not given (only valid from position 0).
+        cache_pos as a 0-dim tensor selects static decoding: attention_mask then spans all cache slots.
         """
         B, L = input_ids.shape
         x = self.embed(input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
@@ -64,7 +65,7 @@ class Qwen2VL(nn.Module):
                                                  self.config)
         t = self.config.text
         cos, sin = mrope_cos_sin(position_ids, t.head_dim, t.rope_theta, t.mrope_section, x.dtype)  # (B, L, D)
-        if attention_mask is not None and bool(attention_mask.all()):
+        if attention_mask is not None and not isinstance(cache_pos, torch.Tensor) and bool(attention_mask.all()):
             attention_mask = None                                            # no padding: plain causal SDPA
         mask = attention_mask_4d(attention_mask, L, cache_pos)               # (B, 1, L, S) or None
         h = self.model(x, cos, sin, mask, cache, cache_pos)                  # (B, L, C)

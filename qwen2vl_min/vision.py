@@ -11,6 +11,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import VisionConfig
+
+try:                                    # flash-attention over packed variable-length blocks (CUDA only)
+    from torch.nn.attention.varlen import varlen_attn
+except ImportError:
+    varlen_attn = None
 from .rope import apply_rope, vision_cos_sin, vision_position_ids
 
 
@@ -33,8 +38,14 @@ def block_attention(q, k, v, grid_thw: torch.Tensor) -> torch.Tensor:
     """Attention within each temporal patch of each image / video, never across them.
 
     q, k, v: (N, H, D) -> (N, H, D). The t blocks of one image / video all have h*w patches, so they run
-    as one batched SDPA call of shape (t, H, h*w, D) — no dense N x N mask is ever built.
+    as one batched SDPA call of shape (t, H, h*w, D) — no dense N x N mask is ever built. On CUDA in
+    half precision, one varlen flash-attention call covers every block of every image at once.
     """
+    if varlen_attn is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+        lengths = (grid_thw[:, 1] * grid_thw[:, 2]).repeat_interleave(grid_thw[:, 0])   # patches per block
+        cu_seqlens = F.pad(lengths.cumsum(0), (1, 0)).to(device=q.device, dtype=torch.int32)
+        longest = int(lengths.max())
+        return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, longest, longest)
     out, start = [], 0
     for t, h, w in grid_thw.tolist():
         n = t * h * w
