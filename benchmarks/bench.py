@@ -13,8 +13,8 @@ import datetime
 import json
 import platform
 import statistics
+import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -26,39 +26,53 @@ from qwen2vl_min.config import PRESETS, Qwen2VLConfig, TextConfig, VisionConfig
 from qwen2vl_min.processor import image_to_patches, video_to_patches
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
-# Qwen2-VL's special token ids (REFERENCE 1.4); small configs keep them by placing them at the top of the vocabulary.
-IM_START, IM_END, VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD = 151644, 151645, 151652, 151653, 151655, 151656
+# Qwen2-VL's ids of <|im_start|> / <|im_end|> (REFERENCE 1.4); the configs carry the vision token ids.
+IM_START, IM_END = 151644, 151645
 CONFIGS = {
     "tiny": Qwen2VLConfig(TextConfig(151936, 64, 128, 2, 4, 2, mrope_section=(2, 3, 3), max_position_embeddings=4096),
                           VisionConfig(depth=2, embed_dim=32, num_heads=2, hidden_size=64)),
     "small": Qwen2VLConfig(TextConfig(151936, 512, 1536, 8, 8, 2, mrope_section=(8, 12, 12), tie_word_embeddings=True),
                            VisionConfig(depth=8, embed_dim=256, num_heads=4, hidden_size=512)),
+    # the lab's nano-sized model with Qwen's vocabulary replaced by a 1k one: decode is then bound by per-token
+    # overhead rather than by reading a 151,936-row output matrix, so this is where implementations differ on CPU
+    "nano": Qwen2VLConfig(TextConfig(1024, 256, 768, 4, 8, 4, rope_theta=1e4, mrope_section=(4, 6, 6)),
+                          VisionConfig(depth=4, embed_dim=128, num_heads=4, hidden_size=256),
+                          image_token_id=1000, video_token_id=1001, vision_start_token_id=1002, vision_end_token_id=1003),
     "2B": PRESETS["2B"], "7B": PRESETS["7B"],
 }
 BANDWIDTH = {"H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12}       # HBM bytes/s (SXM parts)
 
 
-def inputs(kind: str, tiny: bool):
-    """(input_ids (1, L), pixel tensors) for a prompt with one image or video and a short question."""
+def inputs(kind: str, tiny: bool, config: Qwen2VLConfig):
+    """(input_ids (1, L), pixel rows, grid) for a prompt with one image or video and a short question."""
     if kind == "video":                # a 10 s 640x360 clip at 2 fps = 20 frames (the sampler's output)
         frames = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (20, 3, 364, 644), dtype=np.uint8))
         rows, grid = video_to_patches(frames[:4, :, :56, :84] if tiny else frames)
-        pad = VIDEO_PAD
+        pad = config.video_token_id
     else:
         side = {"image1024": 1024, "image448": 448}[kind] // (8 if tiny else 1)
         img = np.random.default_rng(1).integers(0, 256, (side, side, 3), dtype=np.uint8)
         rows, grid = image_to_patches(img, max_pixels=12845056)
-        pad = IMAGE_PAD
-    n = int(grid.prod()) // 4
-    ids = [IM_START, 872, 198, VISION_START] + [pad] * n + [VISION_END, 74785, 419, 13, IM_END, 198, IM_START,
-                                                           77091, 198]
+        pad = config.image_token_id
+    V = config.text.vocab_size
+    t = lambda i: i if i < V else V - 1 - i % 16          # Qwen's ids, folded into a small vocabulary
+    text = [t(i) for i in (74785, 419, 13, IM_END, 198, IM_START, 77091, 198)]   # "Describe this.", assistant turn
+    ids = [t(IM_START), t(872), t(198), config.vision_start_token_id] + [pad] * (int(grid.prod()) // 4) \
+        + [config.vision_end_token_id] + text
     return torch.tensor([ids]), rows, grid
 
 
-def build(config: Qwen2VLConfig, device, dtype):
-    """Ours and transformers' with the same random weights (transformers' module tree = ours renamed)."""
+def build(config: Qwen2VLConfig, device, dtype, only=None):
+    """Ours and transformers' with the same random weights (transformers' module tree = ours renamed).
+    only="transformers" builds theirs alone (random weights of its own): for the memory measurement."""
     from transformers import Qwen2VLConfig as HFConfig, Qwen2VLForConditionalGeneration
     torch.manual_seed(0)
+    if only == "transformers":
+        with torch.device(device):
+            theirs = Qwen2VLForConditionalGeneration._from_config(HFConfig(**config.to_dict()),
+                                                                  attn_implementation="sdpa", dtype=dtype)
+        theirs.generation_config.eos_token_id, theirs.generation_config.pad_token_id = None, 0
+        return None, theirs.eval()
     with torch.device("meta"):
         ours = q.Qwen2VL(config)
     ours = ours.to_empty(device=device).to(dtype)
@@ -67,6 +81,8 @@ def build(config: Qwen2VLConfig, device, dtype):
             p.normal_(0, 0.02) if p.ndim > 1 else p.fill_(1.0 if "norm" in name or "ln_" in name else 0.0)
     if config.text.tie_word_embeddings:
         ours.lm_head.weight = ours.model.embed_tokens.weight
+    if only == "ours":
+        return ours.eval(), None
     hf_cfg = HFConfig(**config.to_dict())
     with torch.device(device):
         theirs = Qwen2VLForConditionalGeneration._from_config(hf_cfg, attn_implementation="sdpa", dtype=dtype)
@@ -81,36 +97,20 @@ def build(config: Qwen2VLConfig, device, dtype):
     return ours.eval(), theirs.eval()
 
 
-class Peak:
-    """Peak memory of a block: CUDA max allocated, or on CPU the resident set size sampled every 2 ms."""
+def peak_rss_child(config_name: str, impl: str, decode_tokens: int) -> int:
+    """CPU peak memory: a fresh process builds only `impl`, generates on the 448x448 prompt, reports VmHWM."""
+    code = ("import sys; sys.argv = ['bench']; sys.path.insert(0, %r); import bench; "
+            "print(bench.rss_of(%r, %r, %d))" % (str(Path(__file__).parent), config_name, impl, decode_tokens))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return int(out.stdout.split()[-1])
 
-    def __init__(self, device):
-        self.device, self.peak = device, 0
 
-    def _rss(self):
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * 4096
-
-    def __enter__(self):
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        else:
-            self.base, self.peak, self.stop = self._rss(), 0, False
-            self.thread = threading.Thread(target=self._poll, daemon=True)
-            self.thread.start()
-        return self
-
-    def _poll(self):
-        while not self.stop:
-            self.peak = max(self.peak, self._rss() - self.base)
-            time.sleep(0.002)
-
-    def __exit__(self, *exc):
-        if self.device.type == "cuda":
-            self.peak = torch.cuda.max_memory_allocated()
-        else:
-            self.stop = True
-            self.thread.join()
+def rss_of(config_name, impl, decode_tokens):
+    config, device = CONFIGS[config_name], torch.device("cpu")
+    ours, theirs = build(config, device, torch.float32, only=impl)
+    ids, pv, grid = inputs("image448", config_name == "tiny", config)
+    runners(ours, theirs, ids, pv, grid, "image448", device, False)["_gen"][0 if impl == "ours" else 1](decode_tokens)
+    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM"))
 
 
 def timed(fn, device):
@@ -129,10 +129,12 @@ def runners(ours, theirs, ids, rows, grid, kind, device, compile_ours):
     batch = q.Batch(ids.to(device), torch.ones_like(ids).to(device), None if video else rows.to(device),
                     None if video else grid.to(device), rows.to(device) if video else None,
                     grid.to(device) if video else None, stop_token_ids=())
-    dtype = next(ours.parameters()).dtype
+    model = ours if ours is not None else theirs        # (the memory measurement builds only one)
+    dtype = next(model.parameters()).dtype
     batch = batch.to(device, dtype)
     hf_in = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask,
-             "mm_token_type_ids": (batch.input_ids == IMAGE_PAD).long() + 2 * (batch.input_ids == VIDEO_PAD).long(),
+             "mm_token_type_ids": (batch.input_ids == model.config.image_token_id).long()
+             + 2 * (batch.input_ids == model.config.video_token_id).long(),
              ("pixel_values_videos" if video else "pixel_values"): rows.to(device, dtype),
              ("video_grid_thw" if video else "image_grid_thw"): grid.to(device)}
 
@@ -150,12 +152,9 @@ def runners(ours, theirs, ids, rows, grid, kind, device, compile_ours):
             return theirs.generate(**kw, max_new_tokens=n, min_new_tokens=n, do_sample=False)
 
     vis = (batch.pixel_values_videos if video else batch.pixel_values, grid.to(device))
-    with torch.inference_mode():
-        return {
-            "vision encoder (s)": (lambda: ours.visual(*vis), lambda: theirs.model.visual(vis[0], grid_thw=vis[1])),
+    return {"vision encoder (s)": (lambda: ours.visual(*vis), lambda: theirs.model.visual(vis[0], grid_thw=vis[1])),
             "time to first token (s)": (lambda: ours_gen(1), lambda: theirs_gen(1)),
-            "_gen": (ours_gen, theirs_gen),
-        }
+            "_gen": (ours_gen, theirs_gen)}
 
 
 def measure(config_name, device, dtype, iters, decode_tokens, compile_ours):
@@ -165,7 +164,7 @@ def measure(config_name, device, dtype, iters, decode_tokens, compile_ours):
     rows = {}
     check = None
     for kind in ("image1024", "image448", "video"):
-        ids, pv, grid = inputs(kind, tiny)
+        ids, pv, grid = inputs(kind, tiny, config)
         run = runners(ours, theirs, ids, pv, grid, kind, device, compile_ours)
         gen_ours, gen_theirs = run.pop("_gen")
         if kind == "image448":             # same greedy tokens first, then the decode metrics on this prompt
@@ -188,10 +187,14 @@ def measure(config_name, device, dtype, iters, decode_tokens, compile_ours):
                 gen_ours(2, b), gen_theirs(2, b)
                 for i in range(iters):
                     for name, g in (("ours", gen_ours), ("transformers", gen_theirs)):
-                        with Peak(device) as pk:
-                            full[name].append(timed(lambda: g(decode_tokens, b), device)[0])
+                        if device.type == "cuda":
+                            torch.cuda.reset_peak_memory_stats()
+                        full[name].append(timed(lambda: g(decode_tokens, b), device)[0])
+                        if device.type == "cuda":
+                            peaks[name] = max(peaks.get(name, 0), torch.cuda.max_memory_allocated())
                         first[name].append(timed(lambda: g(1, b), device)[0])
-                        peaks[name] = max(peaks.get(name, 0), pk.peak)
+                if device.type == "cpu":       # one process holds both models: measure each in its own
+                    peaks = {name: peak_rss_child(config_name, name, decode_tokens) for name in full}
                 rate = {k: b * (decode_tokens - 1) / (statistics.median(full[k]) - statistics.median(first[k]))
                         for k in full}
                 rows[f"decode tokens/s, batch {b} [{kind}]"] = {k: v if v > 0 else float("nan") for k, v in rate.items()}
@@ -200,7 +203,7 @@ def measure(config_name, device, dtype, iters, decode_tokens, compile_ours):
     compile_s = None
     if compile_ours and device.type == "cuda":
         torch._dynamo.reset()
-        ids, pv, grid = inputs("image448", tiny)
+        ids, pv, grid = inputs("image448", tiny, config)
         gen_ours = runners(ours, theirs, ids, pv, grid, "image448", device, True)["_gen"][0]
         compile_s = timed(lambda: gen_ours(8), device)[0] - timed(lambda: gen_ours(8), device)[0]
     lm_bytes = sum(p.numel() * p.element_size() for n, p in ours.named_parameters() if not n.startswith("visual"))

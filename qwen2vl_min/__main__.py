@@ -26,6 +26,9 @@ def main(argv=None):
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     a = p.parse_args(argv)
     try:
+        if a.model == str(NANO) and not NANO.is_dir():
+            raise ValueError(f"no --model given and the nano model ({NANO}) is not there; pass --model DIR or a "
+                             "hub id (`make demo` writes a random-weight one to .cache/tiny-qwen2vl)")
         model, processor = load(a.model, device=a.device, dtype=a.dtype and getattr(torch, a.dtype))
         device, dtype = model.lm_head.weight.device, model.lm_head.weight.dtype
         content = ([{"type": "image", "image": f} for f in a.image] + [{"type": "video", "video": f} for f in a.video]

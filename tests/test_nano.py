@@ -14,6 +14,10 @@ from lab import synthetic
 from lab.evaluate import TARGETS, evaluate, normalise
 from lab.train import NANO_DIR
 
+if not (NANO_DIR / "model.safetensors").exists():
+    pytest.skip("checkpoints/qwen2vl-nano has not been trained and committed yet (the nano-model issue is open); "
+                "`python -m lab.train` writes it", allow_module_level=True)
+
 FILES = ["README.md", "config.json", "generation_config.json", "model.safetensors", "preprocessor_config.json",
          "tokenizer.json", "tokenizer_config.json"]
 
