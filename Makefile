@@ -18,6 +18,7 @@ setup: $(VENV)/.installed
 # random-weight checkpoint written by tests/make_checkpoint.py (so its answer is gibberish by design).
 demo: setup
 	$(PY) tests/make_checkpoint.py .cache/tiny-qwen2vl
+	@echo "Asking a tiny RANDOM-WEIGHT Qwen2-VL about an image: the pipeline runs end to end, the words are gibberish."
 	$(PY) -m qwen2vl_min --model .cache/tiny-qwen2vl --image .cache/tiny-qwen2vl/example.png \
 		--prompt "Describe the image." --max-new-tokens 24
 

@@ -20,6 +20,10 @@ def write(out: Path) -> Path:
     torch.manual_seed(0)
     config = q.Qwen2VLConfig.from_dict(hf_config_dict(tok, tied=True, layout="flat"))
     model = q.Qwen2VL(config)
+    with torch.no_grad():        # larger random weights than PyTorch's default: a varied (gibberish) answer
+        for name, p in model.named_parameters():
+            if p.ndim > 1:
+                p.normal_(0, 0.1)
     processor = q.Processor(tok, min_pixels=56 * 56, max_pixels=28 * 28 * 64)
     q.save(model, processor, out)
     random_image(224, 160, seed=1).save(out / "example.png")
