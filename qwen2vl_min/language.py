@@ -53,7 +53,8 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, self.K * self.D, bias=True)
         self.o_proj = nn.Linear(self.H * self.D, cfg.hidden_size, bias=False)
 
-    def forward(self, x, cos, sin, mask, cache: KVCache | None, cache_pos: int):
+    def forward(self, x, cos, sin, mask, cache: KVCache | None, cache_pos):
+        """cache_pos: where the L new tokens go; an int (prefill) or a 0-dim tensor (static decode)."""
         B, L, _ = x.shape
         q = self.q_proj(x).view(B, L, self.H, self.D).transpose(1, 2)   # (B, L, H*D) -> (B, H, L, D)
         k = self.k_proj(x).view(B, L, self.K, self.D).transpose(1, 2)   # (B, L, K*D) -> (B, K, L, D)
@@ -65,11 +66,12 @@ class Attention(nn.Module):
             cache.k[self.layer_idx].index_copy_(2, idx, k)
             cache.v[self.layer_idx].index_copy_(2, idx, v)
             k, v = cache.k[self.layer_idx], cache.v[self.layer_idx]     # ... read all max_len keys, mask the rest
-        elif cache is not None:                                         # prefill: write, then read the prefix
+        elif cache is not None:                                         # prefill: write the new keys ...
             cache.k[self.layer_idx, :, :, cache_pos:cache_pos + L] = k
             cache.v[self.layer_idx, :, :, cache_pos:cache_pos + L] = v
-            k = cache.k[self.layer_idx, :, :, :cache_pos + L]           # (B, K, S, D)
-            v = cache.v[self.layer_idx, :, :, :cache_pos + L]
+            if cache_pos:                                               # ... and after a prefix, read it all
+                k = cache.k[self.layer_idx, :, :, :cache_pos + L]       # (B, K, S, D)
+                v = cache.v[self.layer_idx, :, :, :cache_pos + L]
         # GQA: each group of H/K query heads shares one kv head (enable_gqa instead of repeat_kv copies).
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and L > 1,
                                            enable_gqa=self.H != self.K)  # (B, H, L, D)
