@@ -193,6 +193,8 @@ class Processor:
     def from_dir(path) -> "Processor":
         from tokenizers import Tokenizer
         path = Path(path)
+        if not (path / "tokenizer.json").exists():
+            raise ValueError(f"checkpoint {path} has no tokenizer.json; copy it from the model's hub repository")
         cfg = json.loads((path / "preprocessor_config.json").read_text()) \
             if (path / "preprocessor_config.json").exists() else {}
         size = cfg.get("size") or {}
