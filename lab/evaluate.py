@@ -1,14 +1,13 @@
 """Held-out accuracy of a model on the synthetic world, per question category.
 
 The questions are drawn with a seed that training never uses and are asked with the exact phrasings of
-the specification. The model answers greedily through `qwen2vl_min.generate`, and an answer counts when its
-normalised first words equal the expected answer ("Red." == "red"). `python -m lab.evaluate` scores the shipped
-nano model; `--card` also rewrites its model card.
+the specification. The model answers greedily through `qwen2vl_min.generate`, and an answer counts when it
+equals the expected one after normalising case and periods ("Red." == "red"). `python -m lab.evaluate` scores a
+checkpoint (default: the nano model); `python -m lab.card` writes the model card from the training log.
 """
 import argparse
 import json
 import random
-from pathlib import Path
 
 import torch
 from tqdm import tqdm

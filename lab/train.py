@@ -4,7 +4,7 @@ Stage 0 warms up the language model on text alone (it stands in for "initialised
 the paper's three stages (Qwen2-VL section 2.3): 1) the LLM is frozen and the ViT and merger learn from
 image-caption pairs; 2) everything trains on the mixed data; 3) the ViT is frozen and the LLM is
 instruction-tuned on ChatML conversations, with the loss on the assistant's tokens only.
-Run it with `python -m lab.train` (seeded, about 20 min on 2 CPU cores). `torchrun --nproc_per_node=N -m lab.train`
+Run it with `python -m lab.train` (seeded; about 35 min on 2 CPU cores with the current schedule). `torchrun --nproc_per_node=N -m lab.train`
 runs the same script under DistributedDataParallel.
 """
 import argparse

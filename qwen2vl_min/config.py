@@ -6,7 +6,7 @@ both layouts seen in the wild: the hub's flat Qwen2-VL layout (text keys at the 
 layout (`text_config` with `rope_parameters`). Defaults are the real checkpoints' values (REFERENCE
 1.1-1.2), never transformers' class defaults (its text default is the 72B LM with eps 1e-5).
 """
-from dataclasses import MISSING, asdict, dataclass, field, fields, replace
+from dataclasses import MISSING, asdict, dataclass, field, fields
 
 # Bookkeeping keys that real config.json files carry and that change nothing at inference time.
 IGNORED_KEYS = {
@@ -163,4 +163,4 @@ PRESETS = {
     "7B": _preset(3584, 28, 28, 4, 18944, 152064, False),
     "72B": _preset(8192, 80, 64, 8, 29568, 152064, False),
 }
-__all__ = ["VisionConfig", "TextConfig", "Qwen2VLConfig", "PRESETS", "replace"]
+__all__ = ["VisionConfig", "TextConfig", "Qwen2VLConfig", "PRESETS"]
