@@ -22,6 +22,7 @@ SCENE_SIDE, CLIP_SIDE = (112, 336), (112, 224)     # each side of the canvas, in
 MARGIN = 2              # px kept free at the canvas edge (corners stay background) and between objects
 SUPERSAMPLE = 3         # shape masks are drawn 3x larger and shrunk: anti-aliased edges at little cost
 EXACT_SHARE = 0.6       # how often a question uses its category's exact phrasing (the evaluation's)
+MAX_TURNS = 6           # a multi-turn chat about one scene asks 2-6 questions: many answers per image encoded
 
 
 @dataclass(frozen=True)
@@ -326,7 +327,8 @@ def make_example(rng: random.Random, category: str, exact: float = EXACT_SHARE) 
             turns = rng.sample(_clip_questions(world[0]), 2)
         else:
             world = (draw_number_scene(rng) if rng.random() < 0.25 else draw_scene(rng),)
-            turns = rng.sample(_scene_questions(world[0]), rng.randint(2, 3))
+            questions = _scene_questions(world[0])
+            turns = rng.sample(questions, rng.randint(2, min(MAX_TURNS, len(questions))))
     elif category in CATEGORIES:                          # the single-image questions
         options = []
         while not options:                # redraw until the scene admits the question (e.g. a unique kind)

@@ -65,12 +65,19 @@ def build_tokenizer(texts, vocab_size: int = 1024):
     return tok
 
 
-def nano_config(tok) -> Qwen2VLConfig:
-    """A genuine Qwen2-VL config, small: ViT 4 x 128, LLM 4 x 256, head_dim 32 with mrope_section [4, 6, 6]."""
+ROPE_THETA, MROPE_SECTION = 100.0, (4, 6, 6)
+
+
+def nano_config(tok, rope_theta=ROPE_THETA, mrope_section=MROPE_SECTION) -> Qwen2VLConfig:
+    """A genuine Qwen2-VL config, small: ViT 4 x 128, LLM 4 x 256, head_dim 32 with mrope_section [4, 6, 6].
+
+    Why rope_theta = 100 and not Qwen2's 10000: head_dim 32 has 16 rotary pairs, and the w rows get the
+    slowest six. At theta 10000 those turn by less than 0.04 rad across a whole 11-token-wide image, so the
+    model could not tell left from right; at 100 they turn by 0.14-0.6 rad."""
     vocab = math.ceil(tok.get_vocab_size() / 64) * 64
     text = TextConfig(vocab_size=vocab, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
-                      num_attention_heads=8, num_key_value_heads=4, rms_norm_eps=1e-6, rope_theta=10000.0,
-                      mrope_section=(4, 6, 6), max_position_embeddings=1024, tie_word_embeddings=True)
+                      num_attention_heads=8, num_key_value_heads=4, rms_norm_eps=1e-6, rope_theta=rope_theta,
+                      mrope_section=tuple(mrope_section), max_position_embeddings=1024, tie_word_embeddings=True)
     vision = VisionConfig(depth=4, embed_dim=128, num_heads=4, mlp_ratio=4, hidden_size=256)
     ids = {name: tok.token_to_id(f"<|{name}|>") for name in ("image_pad", "video_pad", "vision_start", "vision_end")}
     return Qwen2VLConfig(text=text, vision=vision, image_token_id=ids["image_pad"], video_token_id=ids["video_pad"],
@@ -188,11 +195,15 @@ class Stage:
 
 
 TEXT_ONLY = {"text_only": 1.0, "text_document": 3.0}
+# Stages 2 and 3 lean on multi-turn chats: 2-6 answers per image encoded, the cheapest supervision there is.
+MIXED = {"caption": 1.0, "color": 0.5, "shape": 0.5, "count": 0.5, "count_kind": 0.5, "position": 0.5,
+         "number": 1.0, "video_direction": 1.0, "video_color": 0.25, "two_image": 0.75, "multi_turn": 3.0,
+         "text_only": 0.5}
 STAGES = (
     Stage("0 text warm-up", 300, 2e-3, ("model",), "text", TEXT_ONLY),
-    Stage("1 ViT + merger, LLM frozen", 600, 2e-3, ("visual",), "assistant", {"caption": 1.0}),
-    Stage("2 everything, mixed data", 2200, 1e-3, ("visual", "model"), "text", synthetic.DEFAULT_WEIGHTS),
-    Stage("3 instruction tuning, ViT frozen", 900, 4e-4, ("model",), "assistant", synthetic.DEFAULT_WEIGHTS),
+    Stage("1 ViT + merger, LLM frozen", 500, 2e-3, ("visual",), "assistant", {"caption": 1.0}),
+    Stage("2 everything, mixed data", 2600, 1e-3, ("visual", "model"), "text", MIXED),
+    Stage("3 instruction tuning, ViT frozen", 800, 3e-4, ("model",), "assistant", MIXED),
 )
 
 
@@ -250,7 +261,8 @@ def plot_losses(log, path):
     plt.close(fig)
 
 
-def train(out=NANO_DIR, seed=0, scale=1.0, batch_size=16, pos_mode="mrope", evaluate_n=200, show=True):
+def train(out=NANO_DIR, seed=0, scale=1.0, batch_size=8, pos_mode="mrope", evaluate_n=200, show=True,
+          rope_theta=ROPE_THETA, mrope_section=MROPE_SECTION, stages=None):
     """The whole recipe. Writes the checkpoint (and its training log) to `out` atomically; returns the log."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
@@ -259,11 +271,11 @@ def train(out=NANO_DIR, seed=0, scale=1.0, batch_size=16, pos_mode="mrope", eval
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(seed)                       # same initial weights on every rank
     tok = build_tokenizer(corpus(seed))
-    config, processor = nano_config(tok), nano_processor(tok)
+    config, processor = nano_config(tok, rope_theta, mrope_section), nano_processor(tok)
     model = init_weights(q.Qwen2VL(config)).to(device)
     rng = random.Random(seed * 1000 + rank + 1)   # each rank draws its own examples
     log, times, start = {}, {}, time.time()
-    for stage in STAGES:
+    for stage in stages or STAGES:
         stage = Stage(stage.name, max(1, round(stage.steps * scale)), stage.lr, stage.train, stage.loss_on,
                       stage.weights)
         t0 = time.time()
@@ -271,6 +283,7 @@ def train(out=NANO_DIR, seed=0, scale=1.0, batch_size=16, pos_mode="mrope", eval
                                       world, show)
         times[stage.name] = time.time() - t0
     summary = {"seed": seed, "scale": scale, "batch_size": batch_size, "positions": pos_mode, "world_size": world,
+               "rope_theta": rope_theta, "mrope_section": list(mrope_section),
                "train_seconds": round(time.time() - start), "stage_seconds": {k: round(v) for k, v in times.items()},
                "parameters": sum(p.numel() for p in model.parameters()), "device": str(device)}
     if rank == 0:
@@ -324,19 +337,24 @@ def main(argv=None):
     p.add_argument("--out", default=str(NANO_DIR), help="checkpoint directory to write")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--scale", type=float, default=1.0, help="multiply every stage's steps (0.05 = smoke run)")
-    p.add_argument("--batch-size", type=int, default=16, help="global batch, split over the processes")
+    p.add_argument("--batch-size", type=int, default=8, help="global batch, split over the processes")
     p.add_argument("--positions", choices=["mrope", "1d"], default="mrope",
                    help="1d = the ablation: all three position rows equal the token index")
+    p.add_argument("--rope-theta", type=float, default=ROPE_THETA, help="the LLM's RoPE base (Qwen2: 10000)")
+    p.add_argument("--mrope-section", type=int, nargs=3, default=list(MROPE_SECTION), metavar=("T", "H", "W"),
+                   help="rotary pairs for the t, h and w rows (sum = head_dim / 2 = 16)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads per process (default: cores / processes)")
     p.add_argument("--eval", type=int, default=200, help="held-out questions per category (0 = skip)")
     p.add_argument("--ablation", action="store_true",
                    help="instead: retrain M-RoPE and 1D-position models on a shorter schedule (--scale, default "
                         "0.4) and add the comparison to the card of --out")
     a = p.parse_args(argv)
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("WORLD_SIZE", "1"))))
+    torch.set_num_threads(a.threads or max(1, (os.cpu_count() or 1) // int(os.environ.get("WORLD_SIZE", "1"))))
     if a.ablation:
         print(json.dumps(ablation(a.out, a.seed, a.scale if a.scale != 1.0 else 0.4, a.eval), indent=1))
         return
-    s = train(a.out, a.seed, a.scale, a.batch_size, a.positions, a.eval)
+    s = train(a.out, a.seed, a.scale, a.batch_size, a.positions, a.eval, rope_theta=a.rope_theta,
+              mrope_section=tuple(a.mrope_section))
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps({k: v for k, v in s.items() if k != "evaluation"}, indent=1))
         if "evaluation" in s:

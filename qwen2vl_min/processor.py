@@ -212,10 +212,11 @@ class Processor:
         kw = dict(patch=self.patch_size, merge=self.merge_size, temporal=self.temporal_patch_size)
         if media_kind(item) == "video":
             opts = {**self.video_pixels, **{k: item[k] for k in ("fps", "nframes", "min_pixels", "max_pixels",
-                                                                  "total_pixels") if k in item}}
+                                                                  "total_pixels", "max_frames") if k in item}}
             clip = video_io.read_video(item["video"], **opts)
             rows, grid = video_to_patches(clip.frames, **kw)
-            info = {"kind": "video", "frames": len(clip.indices), "indices": clip.indices, "fps": clip.fps}
+            info = {"kind": "video", "frames": len(clip.indices), "indices": clip.indices, "fps": clip.fps,
+                    "pixels": clip.frames}                                  # (T, 3, h, w) uint8, resized
         else:
             image = load_image(item.get("image", item.get("image_url")))
             rows, grid = image_to_patches(image, item.get("min_pixels", self.min_pixels),
