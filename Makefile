@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: demo test setup clean
+.PHONY: app demo test setup clean
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -14,13 +14,14 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 
 setup: $(VENV)/.installed
 
-# The lab's main job. Until the lab's own nano model lands, the command-line demo runs on a tiny
-# random-weight checkpoint written by tests/make_checkpoint.py (so its answer is gibberish by design).
+# The lab's main job: the app on the shipped nano model, http://127.0.0.1:7860 (Ctrl-C stops it).
+app: setup
+	$(PY) app.py
+
+# The command-line demo: the nano model answers questions about a bundled picture and a short clip.
 demo: setup
-	$(PY) tests/make_checkpoint.py .cache/tiny-qwen2vl
-	@echo "Asking a tiny RANDOM-WEIGHT Qwen2-VL about an image: the pipeline runs end to end, the words are gibberish."
-	$(PY) -m qwen2vl_min --model .cache/tiny-qwen2vl --image .cache/tiny-qwen2vl/example.png \
-		--prompt "Describe the image." --max-new-tokens 24
+	$(PY) -m qwen2vl_min --image examples/scene.png --prompt "What color is the circle?" --max-new-tokens 16
+	$(PY) -m qwen2vl_min --video examples/clip.mp4 --prompt "What color is the moving shape?" --max-new-tokens 16
 
 # The whole test suite. pytest's exit code 5 (no tests collected) is a failure, never a silent pass.
 test: setup

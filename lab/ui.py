@@ -357,11 +357,11 @@ def build_demo(model, processor, max_new_tokens=128, title="Qwen2-VL Lab") -> gr
                 answer = gr.Dropdown(label="inspect answer", choices=[], interactive=True, elem_id="answer")
                 with gr.Tab("Tokens and positions"):
                     budget = gr.Markdown("Ask something to see the prompt's tokens and positions.", elem_id="budget")
-                    strip = gr.Plot(label="prompt tokens: modality and (t, h, w) ids")
+                    strip = gr.Plot(label="prompt tokens: modality and (t, h, w) ids", show_label=False)
                     media = gr.Dropdown(label="image / video", choices=[], interactive=True)
-                    posmap = gr.Plot(label="M-RoPE ids on the merged grid")
+                    posmap = gr.Plot(label="M-RoPE ids on the merged grid", show_label=False)
                 with gr.Tab("Patches"):
-                    patches = gr.Plot(label="14 px patches and 2x2 merge groups")
+                    patches = gr.Plot(label="14 px patches and 2x2 merge groups", show_label=False)
                 with gr.Tab("Attention"):
                     tokens = gr.HighlightedText(label="generated tokens (click one)", elem_id="tokens",
                                                 combine_adjacent=False, show_legend=False, interactive=False)
@@ -369,8 +369,8 @@ def build_demo(model, processor, max_new_tokens=128, title="Qwen2-VL Lab") -> gr
                         token = gr.Dropdown(label="token", choices=[], interactive=True, elem_id="token")
                         layer = gr.Dropdown(label="layer", choices=[MEAN], value=MEAN, interactive=True)
                         head = gr.Dropdown(label="head", choices=[MEAN], value=MEAN, interactive=True)
-                    overlay = gr.Plot(label="attention over the image", elem_id="overlay")
-                    shares = gr.Plot(label="share of attention per generated token")
+                    overlay = gr.Plot(label="attention over the image", elem_id="overlay", show_label=False)
+                    shares = gr.Plot(label="share of attention per generated token", show_label=False)
 
         def show(session):
             answers, current, toks, medias, layers, heads = selectors(session, processor)
