@@ -123,7 +123,18 @@ def timed(fn, device):
     return time.perf_counter() - t, out
 
 
-def runners(ours, theirs, ids, rows, grid, kind, device, compile_ours):
+def theirs_options(mode: str) -> dict:
+    """transformers' generate options: its default (dynamic cache, eager), or its static cache + torch.compile
+    (auto-compiled on CUDA; on CPU it must be asked for with CompileConfig's all-devices switch)."""
+    if mode == "default":
+        return {}
+    from transformers import CompileConfig
+    config = CompileConfig()
+    config._compile_all_devices = True           # a class attribute, not an argument, in transformers 5.23
+    return {"cache_implementation": "static", "compile_config": config}
+
+
+def runners(ours, theirs, ids, rows, grid, kind, device, compile_ours, theirs_mode="default"):
     """name -> (ours, theirs) callables for one prompt."""
     video = kind == "video"
     batch = q.Batch(ids.to(device), torch.ones_like(ids).to(device), None if video else rows.to(device),
@@ -149,7 +160,8 @@ def runners(ours, theirs, ids, rows, grid, kind, device, compile_ours):
         kw = {k: (v.repeat(b, 1) if k in ("input_ids", "attention_mask", "mm_token_type_ids") else
                   torch.cat([v] * b)) for k, v in hf_in.items()}
         with torch.inference_mode():
-            return theirs.generate(**kw, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+            return theirs.generate(**kw, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                   **theirs_options(theirs_mode))
 
     vis = (batch.pixel_values_videos if video else batch.pixel_values, grid.to(device))
     return {"vision encoder (s)": (lambda: ours.visual(*vis), lambda: theirs.model.visual(vis[0], grid_thw=vis[1])),
@@ -157,7 +169,7 @@ def runners(ours, theirs, ids, rows, grid, kind, device, compile_ours):
             "_gen": (ours_gen, theirs_gen)}
 
 
-def measure(config_name, device, dtype, iters, decode_tokens, compile_ours):
+def measure(config_name, device, dtype, iters, decode_tokens, compile_ours, theirs_mode="default"):
     config = CONFIGS[config_name]
     tiny = config_name == "tiny"
     ours, theirs = build(config, device, dtype)
@@ -165,7 +177,7 @@ def measure(config_name, device, dtype, iters, decode_tokens, compile_ours):
     check = None
     for kind in ("image1024", "image448", "video"):
         ids, pv, grid = inputs(kind, tiny, config)
-        run = runners(ours, theirs, ids, pv, grid, kind, device, compile_ours)
+        run = runners(ours, theirs, ids, pv, grid, kind, device, compile_ours, theirs_mode)
         gen_ours, gen_theirs = run.pop("_gen")
         if kind == "image448":             # same greedy tokens first, then the decode metrics on this prompt
             a = gen_ours(16)
@@ -201,7 +213,7 @@ def measure(config_name, device, dtype, iters, decode_tokens, compile_ours):
                 if b == 1:
                     rows[f"peak memory GB, batch 1 [{kind}]"] = {k: v / 1e9 for k, v in peaks.items()}
     compile_s = None
-    if compile_ours and device.type == "cuda":
+    if compile_ours:                       # compile time = first call after a reset - a warm call
         torch._dynamo.reset()
         ids, pv, grid = inputs("image448", tiny, config)
         gen_ours = runners(ours, theirs, ids, pv, grid, "image448", device, True)["_gen"][0]
@@ -218,12 +230,13 @@ def hardware(device):
     return f"{model}, {torch.get_num_threads()} threads"
 
 
-def report(config_name, device, dtype, rows, check, compile_s, lm_bytes):
+def report(config_name, device, dtype, rows, check, compile_s, lm_bytes, compile_ours=False, theirs_mode="default"):
     lines = [f"### {config_name} config, {str(dtype)[6:]}, {hardware(device)}",
              f"{datetime.date.today()}; torch {torch.__version__}, transformers "
              f"{__import__('transformers').__version__}, Python {platform.python_version()}; "
              f"`{' '.join(['python'] + sys.argv)}`; greedy tokens identical: {check[0]}", "",
-             "| metric | qwen2vl_min | transformers (sdpa) | ours / theirs |", "|---|---|---|---|"]
+             f"| metric | qwen2vl_min{' (compiled decode)' if compile_ours else ''} | transformers (sdpa"
+             f"{', static cache + compile' if theirs_mode != 'default' else ''}) | ours / theirs |", "|---|---|---|---|"]
     for metric, v in rows.items():
         lines.append(f"| {metric} | {v['ours']:.4g} | {v['transformers']:.4g} | {v['ours'] / v['transformers']:.2f} |")
     bw = next((b for k, b in BANDWIDTH.items() if k in hardware(device)), None)
@@ -242,13 +255,15 @@ def main(argv=None):
     p.add_argument("--iters", type=int, default=5, help="timed runs per metric and implementation (median)")
     p.add_argument("--decode-tokens", type=int, default=256)
     p.add_argument("--compile", action="store_true", help="time our compiled decode step (CUDA graphs)")
+    p.add_argument("--theirs", choices=["default", "static-compile"], default="default",
+                   help="transformers' mode: its default generate, or its static cache + torch.compile")
     p.add_argument("--no-save", action="store_true", help="print only; do not append to RESULTS.md")
     a = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     for name in a.config or (["2B", "7B"] if device.type == "cuda" else ["small"]):
-        rows, check, compile_s, lm_bytes = measure(name, device, dtype, a.iters, a.decode_tokens, a.compile)
-        text = report(name, device, dtype, rows, check, compile_s, lm_bytes)
+        rows, check, compile_s, lm_bytes = measure(name, device, dtype, a.iters, a.decode_tokens, a.compile, a.theirs)
+        text = report(name, device, dtype, rows, check, compile_s, lm_bytes, a.compile, a.theirs)
         print(text)
         if not a.no_save:
             with RESULTS.open("a") as f:

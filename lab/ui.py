@@ -402,6 +402,7 @@ def build_demo(model, processor, max_new_tokens=128, title="Qwen2-VL Lab") -> gr
             return gr.skip() if k is None else dict(session, current=k)
 
         chatbot.select(pick_message, [session, chatbot], session, **hidden)
+        chatbot.clear(lambda: None, None, session, **hidden)           # a cleared chat forgets its maps too
 
         def attention(session, tok, lay, hd, med):
             return render_attention(_current(session), processor, tok, lay, hd, med)

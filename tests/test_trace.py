@@ -68,3 +68,26 @@ def test_record_is_bounded_and_hooks_are_removed(pair_a):
     assert len(rec) == 3 and all(len(qs) == 3 for qs in rec.queries)
     attn = pair_a.model.model.layers[0].self_attn
     assert not attn._forward_hooks and not attn.q_proj._forward_hooks
+
+
+def test_spans_kinds_and_shares_of_a_mixed_prompt(pair_a):
+    from lab.attention import KINDS, grid_map, modality_share, reduce, token_kinds, visual_spans
+    conv = user(image(random_image(112, 84, seed=5)), video([random_image(84, 56, seed=60 + i) for i in range(4)]),
+                text("Compare them."))
+    b = pair_a.processor(conv)
+    cfg, ids = pair_a.model.config, b.input_ids[0]
+    spans = visual_spans(ids, b.image_grid_thw, b.video_grid_thw, cfg)
+    assert [(s.kind, s.grid) for s in spans] == [("image", (1, 3, 4)), ("video", (2, 2, 3))]
+    assert all((ids[s.start:s.end] == ids[s.start]).all() and ids[s.start - 1] == cfg.vision_start_token_id
+               and ids[s.end] == cfg.vision_end_token_id for s in spans)
+    kinds = token_kinds(ids, cfg)
+    assert kinds.count("image") == 12 and kinds.count("video") == 12 and kinds.count("special") == 4
+    with record_attention(pair_a.model) as rec:
+        tokens = list(q.generate(pair_a.model, b, 3, stop_token_ids=[]))
+    probs = rec.probs(2)                                       # saw the prompt and 2 answer tokens
+    share = modality_share(probs, kinds + ["text"] * len(tokens))
+    assert set(share) == set(KINDS) and abs(sum(share.values()) - 1) < 1e-5
+    assert abs(share["image"] - float(reduce(probs)[spans[0].start:spans[0].end].sum())) < 1e-6
+    assert grid_map(reduce(probs, 0, 1), spans[1]).shape == (2, 2, 3)
+    with pytest.raises(ValueError, match="label the generated tokens"):
+        modality_share(probs, kinds)
