@@ -98,7 +98,7 @@ def generate(model, batch, max_new_tokens=128, temperature=0.0, top_p=1.0, top_k
     last = None
     for step in range(max_new_tokens):
         if step:
-            cache_pos = torch.tensor(L + step - 1, device=device)
+            cache_pos = torch.tensor(L + step - 1, device=device) if compile else L + step - 1
             logits = step_fn(model, last[:, None], attention_mask, cache, cache_pos, rope_deltas)
         token = sample(logits, temperature, top_p, top_k, generator)          # (B,)
         token = torch.where(done, last, token) if last is not None else token
