@@ -3,6 +3,8 @@ gradio_client. Every answer is checked twice: it is the right answer about its p
 what `generate` gives for that input (so a mix-up between concurrent sessions cannot pass)."""
 import concurrent.futures as cf
 import random
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -218,3 +220,36 @@ def test_app_script_parses_its_arguments(monkeypatch):
     with pytest.raises(SystemExit, match="stop here"):
         app.main(["--model", "some/dir", "--dtype", "bfloat16"])
     assert seen == {"src": "some/dir", "dtype": torch.bfloat16}
+
+
+def test_app_script_serves_the_nano_model_on_localhost():
+    """`python app.py` (the README's main command) starts, binds to 127.0.0.1 and answers through /chat."""
+    import socket
+    import subprocess
+    import time
+    from gradio_client import Client, handle_file
+    from lab.examples import EXAMPLES, OUT
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.Popen([sys.executable, "app.py", "--port", str(port)], cwd=root,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+                break
+            except Exception:
+                assert proc.poll() is None, proc.stdout.read()
+                time.sleep(1)
+        else:
+            pytest.fail("app.py did not start within 120 s")
+        text, names, answer = EXAMPLES[0]
+        got = client.predict(message={"text": text, "files": [handle_file(str(OUT / n)) for n in names]},
+                             api_name="/chat")
+        assert got == answer
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
