@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: app demo test setup clean
+.PHONY: app demo lab test setup clean
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +17,11 @@ setup: $(VENV)/.installed
 # The lab's main job: the app on the shipped nano model, http://127.0.0.1:7860 (Ctrl-C stops it).
 app: setup
 	$(PY) app.py
+
+# The notebook chapters in JupyterLab, on the venv's own Python kernel: start with 01_quickstart.ipynb.
+# (As root, e.g. in a container, JupyterLab wants --allow-root.)
+lab: setup
+	$(VENV)/bin/jupyter lab notebooks/ $(if $(filter 0,$(shell id -u)),--allow-root)
 
 # The command-line demo: the nano model answers questions about a bundled picture and a short clip.
 demo: setup

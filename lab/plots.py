@@ -184,7 +184,7 @@ def bars(data, ylabel, log=False, targets=None, title="", horizontal=False, anno
     series = list(data)
     labels = list(dict.fromkeys(label for s in series for label in data[s]))
     n, width = len(series), 0.8 / max(1, len(series))
-    size = (6.5, 0.32 * len(labels) * max(1, n) ** 0.5 + 1.2) if horizontal else (max(5, 0.55 * len(labels) * n + 2), 3.2)
+    size = (8, 0.32 * len(labels) * max(1, n) ** 0.5 + 1.2) if horizontal else (max(5, 0.55 * len(labels) * n + 2), 3.2)
     fig, ax = plt.subplots(figsize=size, constrained_layout=True)
     for i, s in enumerate(series):
         pos = np.arange(len(labels)) + (i - (n - 1) / 2) * width
@@ -634,6 +634,7 @@ def loss_mask_strip(tokens, trained, per_row=24):
 
 def loss_curves(log, smooth=20):
     """Training loss per stage {stage: [loss per step]}, raw and smoothed, on a log axis."""
+    import textwrap
     fig, axes = plt.subplots(1, len(log), figsize=(3.2 * len(log), 2.6), constrained_layout=True, squeeze=False)
     for ax, (name, losses) in zip(axes[0], log.items()):
         losses = np.asarray(losses, dtype=np.float32)
@@ -641,7 +642,14 @@ def loss_curves(log, smooth=20):
         mean = np.convolve(losses, np.ones(k) / k, mode="valid")
         ax.plot(losses, color="#56B4E9", alpha=0.5, lw=0.7, label="step")
         ax.plot(np.arange(k - 1, len(losses)), mean, color="#0072B2", lw=1.5, label=f"mean of {k}")
-        ax.set(yscale="log", xlabel="step", title=f"stage {name}"[:34])
+        # log scale only when the loss spans a factor > 3, ticks at 1-2-5 (a narrow log axis gets unreadable labels)
+        if losses.max() > 3 * losses.min():
+            from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+            ax.set_yscale("log")
+            ax.yaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))
+            ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.yaxis.set_minor_formatter(NullFormatter())
+        ax.set(xlabel="step", title="\n".join(textwrap.wrap(f"stage {name}", 30)))
         ax.title.set_fontsize(8)
         ax.legend(fontsize=6, frameon=False)
     axes[0][0].set_ylabel("loss")
@@ -659,7 +667,8 @@ def logit_parity(ours, theirs, max_points=20000):
     axes[0].set(xlabel="transformers logit", ylabel="qwen2vl_min logit")
     axes[0].legend(fontsize=7, frameon=False)
     d = np.abs(a - b)
-    axes[1].hist(np.log10(np.maximum(d, 1e-12)), bins=60, color="#009E73", label="|ours - theirs|")
+    axes[1].hist(np.log10(np.maximum(d, 1e-12)), bins=60, color="#009E73",
+                 label=f"|ours - theirs| ({int((d == 0).sum()):,} exactly 0, drawn at -12)")
     axes[1].axvline(-4, color="#D55E00", ls="--", lw=1, label="tolerance 1e-4")
     axes[1].set(xlabel="log10 |difference|", ylabel="logits", title=f"max {d.max():.2e}")
     axes[1].legend(fontsize=7, frameon=False)

@@ -126,8 +126,20 @@ def media_kind(item: dict):
     return "video" if item.get("type") == "video" or "video" in item else None
 
 
+def check_messages(messages):
+    """Messages in the chat format, or a ValueError that names the wrong part and shows the right shape."""
+    shape = '[{"role": "user", "content": [{"type": "image", "image": img}, {"type": "text", "text": "..."}]}]'
+    for i, m in enumerate(messages if isinstance(messages, (list, tuple)) else [messages]):
+        c = m.get("content") if isinstance(m, dict) else None
+        if not (isinstance(messages, (list, tuple)) and isinstance(m, dict) and "role" in m and (isinstance(c, str) or
+                isinstance(c, (list, tuple)) and all(isinstance(it, dict) for it in c))):
+            raise ValueError(f"message {i} ({str(m)[:90]}) is not a dict with 'role' and 'content' (a string or a "
+                             f"list of dicts, one per image / video / text); messages must look like {shape}")
+
+
 def apply_chat_template(messages, add_generation_prompt=True, add_vision_id=False) -> str:
     """The Qwen2-VL-Instruct Jinja template, written out in Python (REFERENCE 6)."""
+    check_messages(messages)
     out, n_img, n_vid = [], 0, 0
     if messages and messages[0]["role"] != "system":
         out.append(f"<|im_start|>system\n{DEFAULT_SYSTEM}<|im_end|>\n")

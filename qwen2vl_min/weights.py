@@ -99,7 +99,10 @@ def save(model, processor, out_dir) -> Path:
     try:
         cfg = model.config
         dtype = next(model.parameters()).dtype
-        (tmp / "config.json").write_text(json.dumps({**cfg.to_dict(), "torch_dtype": str(dtype)[6:]}, indent=2))
+        (tmp / "config.json").write_text(json.dumps({
+            # bos/eos written out: without them transformers falls back to Qwen's ids, outside a small vocabulary
+            "bos_token_id": processor.pad_token_id, "eos_token_id": processor.eos_token_ids[0],
+            **cfg.to_dict(), "torch_dtype": str(dtype)[6:]}, indent=2))
         tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()
                    if not (cfg.text.tie_word_embeddings and k == "lm_head.weight")}
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})

@@ -56,6 +56,9 @@ def test_transformers_loads_it_offline_with_the_same_logits(nano, monkeypatch):
         ours = model(b.input_ids, b.attention_mask, b.pixel_values, b.image_grid_thw, b.pixel_values_videos,
                      b.video_grid_thw)
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-4)
+    # The special ids come from the checkpoint, not transformers' Qwen defaults (151643/151645, outside vocab 832).
+    assert (hf.config.text_config.bos_token_id, hf.config.text_config.eos_token_id) == \
+        (processor.pad_token_id, processor.eos_token_ids[0])
 
 
 @pytest.fixture(scope="module")

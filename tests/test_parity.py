@@ -1,15 +1,17 @@
 """Parity of qwen2vl_min with transformers (the oracle) on the same random weights, both tiny configs.
 
 Everything is fp32 on CPU; logits must agree to max |delta| <= 1e-4 on every real (unpadded) position.
-transformers v5 needs `mm_token_type_ids` whenever visual inputs are passed (helpers.mm_token_type_ids).
+transformers v5 needs `mm_token_type_ids` whenever visual inputs are passed (lab.notebook.hf_inputs).
 """
 import re
+from types import SimpleNamespace
 
 import pytest
 import torch
 from transformers import GenerationConfig
 
 import qwen2vl_min as q
+from lab.notebook import hf_inputs
 from helpers import VIDEO_PIXELS, image, mm_token_type_ids, random_image, text, user, video  # noqa: F401
 from qwen2vl_min.rope import mrope_position_ids
 
@@ -44,14 +46,8 @@ GEN_CONV = user(image(IMG_SQUARE), text("Which picture is brighter? Hello! How a
 
 # ---------------------------------------------------------------- helpers
 def hf_kwargs(pair, b):
-    kw = dict(input_ids=b.input_ids, attention_mask=b.attention_mask)
-    if b.pixel_values is not None:
-        kw.update(pixel_values=b.pixel_values, image_grid_thw=b.image_grid_thw)
-    if b.pixel_values_videos is not None:
-        kw.update(pixel_values_videos=b.pixel_values_videos, video_grid_thw=b.video_grid_thw)
-    if b.pixel_values is not None or b.pixel_values_videos is not None:
-        kw["mm_token_type_ids"] = mm_token_type_ids(b.input_ids, pair.cfg)
-    return kw
+    """The Batch as transformers' keyword arguments (the same packing chapter 10 of the notebooks uses)."""
+    return hf_inputs(b, SimpleNamespace(**pair.cfg))
 
 
 @torch.no_grad()

@@ -650,3 +650,16 @@ def test_transformers_reads_our_flat_layout_tiny(tok, variant):
     assert list(hf.text_config.rope_parameters["mrope_section"]) == list(cfg.text.mrope_section)
     assert hf.vision_config.embed_dim == cfg.vision.embed_dim and hf.vision_config.hidden_size == cfg.vision.hidden_size
     assert hf.tie_word_embeddings == cfg.text.tie_word_embeddings
+
+
+@pytest.mark.parametrize("messages,where", [
+    ([{"role": "user", "content": [Image.new("RGB", (56, 56)), {"type": "text", "text": "Hi"}]}],
+     r"message 0 \(.*PIL.Image"),
+    ([{"content": "Hi"}], r"message 0 \({'content': 'Hi'}\) is not a dict with 'role'"),
+    ({"role": "user", "content": "Hi"}, "messages must look like"),
+    ([{"role": "user", "content": "Hi"}, {"role": "user", "content": 42}], "message 1 .*a string or a list"),
+])
+def test_malformed_messages_name_the_part(tok, messages, where):
+    """A bare PIL image in the content list (a common slip) gets a ValueError with the right shape, not a crash."""
+    with pytest.raises(ValueError, match=where):
+        Processor(tok)(messages)

@@ -76,6 +76,7 @@ def test_save_roundtrip_through_transformers(pair, tmp_path):
         theirs = hf(input_ids=b.input_ids, attention_mask=b.attention_mask, pixel_values=b.pixel_values,
                     image_grid_thw=b.image_grid_thw, mm_token_type_ids=mm_token_type_ids(b.input_ids, pair.cfg)).logits
     torch.testing.assert_close(_logits(pair.model, b), theirs, rtol=0, atol=1e-4)
+    assert hf.config.text_config.eos_token_id == pair.processor.eos_token_ids[0]      # not Qwen's 151645 default
     ours, processor = q.load(out, device="cpu")                   # and back into ours
     torch.testing.assert_close(_logits(ours, b), _logits(pair.model, b), rtol=0, atol=0)
     assert processor.max_pixels == pair.processor.max_pixels
