@@ -43,6 +43,15 @@ CONFIGS = {
 BANDWIDTH = {"H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12}       # HBM bytes/s (SXM parts)
 
 
+def cpu_matvec_bandwidth(mbytes=256, runs=5) -> float:
+    """Bytes/s that one large fp32 matrix-vector product reads on this CPU: the ceiling of a decode step,
+    which is a chain of matrix-vector products (a CPU has no published figure like a GPU's HBM bandwidth)."""
+    w, x = torch.randn(mbytes * 2**20 // 4 // 1024, 1024), torch.randn(1, 1024)
+    x @ w.T                                                            # warm-up: page in the matrix
+    best = min(timed(lambda: x @ w.T, torch.device("cpu"))[0] for _ in range(runs))
+    return w.numel() * 4 / best
+
+
 def inputs(kind: str, tiny: bool, config: Qwen2VLConfig):
     """(input_ids (1, L), pixel rows, grid) for a prompt with one image or video and a short question."""
     if kind == "video":                # a 10 s 640x360 clip at 2 fps = 20 frames (the sampler's output)
@@ -67,10 +76,11 @@ def build(config: Qwen2VLConfig, device, dtype, only=None):
     only="transformers" builds theirs alone (random weights of its own): for the memory measurement."""
     from transformers import Qwen2VLConfig as HFConfig, Qwen2VLForConditionalGeneration
     torch.manual_seed(0)
+    # Random weights generate no natural end: no bos/eos (Qwen's 151643/151645 lie outside a small vocabulary).
+    hf_cfg = HFConfig(**config.to_dict(), bos_token_id=None, eos_token_id=None)
     if only == "transformers":
         with torch.device(device):
-            theirs = Qwen2VLForConditionalGeneration._from_config(HFConfig(**config.to_dict()),
-                                                                  attn_implementation="sdpa", dtype=dtype)
+            theirs = Qwen2VLForConditionalGeneration._from_config(hf_cfg, attn_implementation="sdpa", dtype=dtype)
         theirs.generation_config.eos_token_id, theirs.generation_config.pad_token_id = None, 0
         return None, theirs.eval()
     with torch.device("meta"):
@@ -83,7 +93,6 @@ def build(config: Qwen2VLConfig, device, dtype, only=None):
         ours.lm_head.weight = ours.model.embed_tokens.weight
     if only == "ours":
         return ours.eval(), None
-    hf_cfg = HFConfig(**config.to_dict())
     with torch.device(device):
         theirs = Qwen2VLForConditionalGeneration._from_config(hf_cfg, attn_implementation="sdpa", dtype=dtype)
     renamed = {("model." + k if k.startswith("visual.") else k.replace("model.", "model.language_model.", 1)
@@ -240,9 +249,12 @@ def report(config_name, device, dtype, rows, check, compile_s, lm_bytes, compile
     for metric, v in rows.items():
         lines.append(f"| {metric} | {v['ours']:.4g} | {v['transformers']:.4g} | {v['ours'] / v['transformers']:.2f} |")
     bw = next((b for k, b in BANDWIDTH.items() if k in hardware(device)), None)
-    if bw:
+    if bw is None and device.type == "cpu" and lm_bytes > 100e6:     # smaller weights stay in the CPU's caches
+        bw = cpu_matvec_bandwidth()
+    if bw:                 # bytes of LLM weights read per token x tokens/s, against the bandwidth
         tps = rows["decode tokens/s, batch 1 [image448]"]
-        lines.append(f"| decode roofline fraction, batch 1 | {lm_bytes * tps['ours'] / bw:.1%} | "
+        lines.append(f"| decode roofline fraction, batch 1 ({lm_bytes / 1e6:,.0f} MB/token; {bw / 1e9:,.0f} GB/s"
+                     f"{' = one large matvec' if device.type == 'cpu' else ''}) | {lm_bytes * tps['ours'] / bw:.1%} | "
                      f"{lm_bytes * tps['transformers'] / bw:.1%} | |")
     if compile_s is not None:
         lines.append(f"| compile time (s) | {compile_s:.1f} | | |")

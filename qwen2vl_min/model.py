@@ -48,23 +48,24 @@ class Qwen2VL(nn.Module):
         return x
 
     def forward(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
-                pixel_values_videos=None, video_grid_thw=None, *, position_ids=None,
+                pixel_values_videos=None, video_grid_thw=None, *, position_ids=None, rope=None,
                 cache: KVCache | None = None, cache_pos: int = 0, last_only: bool = False) -> torch.Tensor:
         """Logits (B, L, V), or (B, 1, V) with last_only (prefill never needs the full-sequence logits).
 
         attention_mask (B, S) covers every token so far (cached and new; 0 = left padding).
         position_ids (3, B, L) are M-RoPE ids; computed here when not given (only valid from position 0).
+        rope: their (cos, sin) (B, L, D) instead, already computed (generate's decode steps look them up).
         cache_pos as a 0-dim tensor selects static decoding: attention_mask then spans all cache slots.
         """
         B, L = input_ids.shape
         x = self.embed(input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
-        if position_ids is None:
+        if position_ids is None and rope is None:
             if cache_pos:
                 raise ValueError("position_ids are required when decoding from a cache (cache_pos > 0)")
             position_ids, _ = mrope_position_ids(input_ids, image_grid_thw, video_grid_thw, attention_mask,
                                                  self.config)
         t = self.config.text
-        cos, sin = mrope_cos_sin(position_ids, t.head_dim, t.rope_theta, t.mrope_section, x.dtype)  # (B, L, D)
+        cos, sin = rope or mrope_cos_sin(position_ids, t.head_dim, t.rope_theta, t.mrope_section, x.dtype)
         if attention_mask is not None and not isinstance(cache_pos, torch.Tensor) and bool(attention_mask.all()):
             attention_mask = None                                            # no padding: plain causal SDPA
         mask = attention_mask_4d(attention_mask, L, cache_pos)               # (B, 1, L, S) or None

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 import qwen2vl_min as q
 from helpers import image, random_image, text, user, video
+from qwen2vl_min.generate import decode_rope_table
 from qwen2vl_min.vision import block_attention
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -39,14 +40,17 @@ def test_static_decode_equals_prefix_decode(pair_a):
     model, batch = pair_a.model, _prompt(pair_a)
     L = batch.input_ids.shape[1]
     logits = {}
-    for static in (False, True):
+    for static, table in ((False, False), (True, False), (False, True), (True, True)):
         cache = q.KVCache(model.config.text, 1, L + 4)
         out, deltas = q.prefill(model, batch, cache)
         token = out.argmax(-1, keepdim=True)
         mask = torch.ones(1, L + 4, dtype=torch.long)
         pos = torch.tensor(L) if static else L
-        logits[static] = q.decode_step(model, token, mask if static else mask[:, :L + 1], cache, pos, deltas)
-    torch.testing.assert_close(logits[True], logits[False], rtol=0, atol=1e-5)
+        rope = decode_rope_table(model, deltas, L + 4, torch.float32) if table else None
+        logits[static, table] = q.decode_step(model, token, mask if static else mask[:, :L + 1], cache, pos,
+                                              deltas, rope)
+    for key in ((True, False), (False, True), (True, True)):      # the rotary table == angles computed per step
+        torch.testing.assert_close(logits[key], logits[False, False], rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("device", DEVICES)
