@@ -166,6 +166,17 @@ def draw_scene(rng: random.Random, n_shapes: int | None = None, number: bool = F
     return Scene(image, tuple(shapes), value)
 
 
+def label_maps(scene: Scene) -> tuple[Image.Image, Image.Image]:
+    """Per-pixel class maps of a scene ("L" images): the kind and the colour of the shape covering each pixel,
+    1 + its index in SHAPES / COLORS, 0 = background. The dense labels of the ViT warm-up (lab/train.py)."""
+    kind, color = (Image.new("L", scene.image.size, 0) for _ in range(2))
+    for s in scene.shapes:
+        inside = _mask(s.kind, s.box[2] - s.box[0]).point(lambda v: 255 if v >= 128 else 0)
+        kind.paste(1 + SHAPES.index(s.kind), s.box, inside)
+        color.paste(1 + list(COLORS).index(s.color), s.box, inside)
+    return kind, color
+
+
 def draw_number_scene(rng: random.Random, size: tuple[int, int] | None = None) -> Scene:
     return draw_scene(rng, n_shapes=rng.randint(0, 2), number=True, size=size)
 

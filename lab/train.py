@@ -1,13 +1,16 @@
 """The Qwen2-VL training recipe in miniature: trains the lab's own nano model on the synthetic world.
 
-Stage 0 warms up the language model on text alone (it stands in for "initialised from Qwen2"). Then come
-the paper's three stages (Qwen2-VL section 2.3): 1) the LLM is frozen and the ViT and merger learn from
-image-caption pairs; 2) everything trains on the mixed data; 3) the ViT is frozen and the LLM is
+Stage 0 stands in for the paper's starting points, in two parts: the language model warms up on text alone
+("initialised from Qwen2"), and the ViT + merger learn to name the kind and colour of the shape under each
+merged token from dense labels ("initialised from DFN's ViT"; the two linear heads are thrown away).
+Then come the paper's three stages (Qwen2-VL section 2.3): 1) the LLM is frozen and the ViT and merger learn
+from image-caption pairs; 2) everything trains on the mixed data; 3) the ViT is frozen and the LLM is
 instruction-tuned on ChatML conversations, with the loss on the assistant's tokens only.
-Run it with `python -m lab.train` (seeded; about 35 min on 2 CPU cores with the current schedule). `torchrun --nproc_per_node=N -m lab.train`
-runs the same script under DistributedDataParallel.
+Run it with `python -m lab.train` (seeded; under 30 min on 2 CPU cores);
+`torchrun --nproc_per_node=N -m lab.train` runs the same script under DistributedDataParallel.
 """
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -183,6 +186,50 @@ def positions(batch, config, mode: str):
     return pos[None].expand(3, -1, -1)
 
 
+def cell_labels(scene, processor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(kind, colour) class of the shape under each merged 28x28 token of a scene, (n,) each, in the merger's
+    raster order; a cell counts as a shape's when the shape covers at least a quarter of it, else 0."""
+    from PIL import Image
+    side = processor.patch_size * processor.merge_size
+    h, w = q.processor.smart_resize(scene.image.height, scene.image.width, side, processor.min_pixels,
+                                    processor.max_pixels)
+    out = []
+    for label_map, n in zip(synthetic.label_maps(scene), (len(synthetic.SHAPES) + 1, len(synthetic.COLORS) + 1)):
+        a = torch.frombuffer(bytearray(label_map.resize((w, h), Image.NEAREST).tobytes()), dtype=torch.uint8)
+        # (h, w) -> (h/28, 28, w/28, 28) -> (cells, 784): the pixels of each merged token
+        cells = a.view(h // side, side, w // side, side).permute(0, 2, 1, 3).reshape(-1, side * side).long()
+        counts = F.one_hot(cells, n).sum(1)                             # (cells, n) pixels per class
+        counts[:, 0] = 0                                                # background only where no shape is
+        best = counts.max(1)
+        out.append(torch.where(best.values * 4 >= side * side, best.indices, 0))
+    return out[0], out[1]
+
+
+class CellHeads(torch.nn.Module):
+    """The ViT warm-up's model: the ViT + merger and two linear heads that name, for each merged token, the kind
+    and the colour of the shape under it. The heads are thrown away after the warm-up."""
+
+    def __init__(self, visual, hidden: int):
+        super().__init__()
+        self.visual = visual
+        self.kind = torch.nn.Linear(hidden, len(synthetic.SHAPES) + 1)
+        self.color = torch.nn.Linear(hidden, len(synthetic.COLORS) + 1)
+
+    def forward(self, pixel_values, grid_thw):
+        f = self.visual(pixel_values, grid_thw)                         # (N/4, C): one row per merged token
+        return self.kind(f), self.color(f)
+
+
+def cell_loss(net, processor, rng, batch_size, device):
+    """One batch of scenes (a fifth with a written number) -> the warm-up's loss: cross-entropy of both heads."""
+    scenes = [synthetic.draw_scene(rng, number=rng.random() < 0.2) for _ in range(batch_size)]
+    rows, grids = zip(*(q.processor.image_to_patches(s.image, processor.min_pixels, processor.max_pixels)
+                        for s in scenes))
+    kinds, colors = (torch.cat(t).to(device) for t in zip(*(cell_labels(s, processor) for s in scenes)))
+    kind_logits, color_logits = net(torch.cat(rows).to(device), torch.cat(grids).to(device))
+    return F.cross_entropy(kind_logits, kinds) + F.cross_entropy(color_logits, colors)
+
+
 # ---------------------------------------------------------------- the recipe
 @dataclass(frozen=True)
 class Stage:
@@ -201,6 +248,7 @@ MIXED = {"caption": 1.0, "color": 0.5, "shape": 0.5, "count": 0.5, "count_kind":
          "text_only": 0.5}
 STAGES = (
     Stage("0 text warm-up", 300, 2e-3, ("model",), "text", TEXT_ONLY),
+    Stage("0 ViT warm-up, cell labels", 1200, 1e-3, ("visual",), "cells"),
     Stage("1 ViT + merger, LLM frozen", 500, 2e-3, ("visual",), "assistant", {"caption": 1.0}),
     Stage("2 everything, mixed data", 2600, 1e-3, ("visual", "model"), "text", MIXED),
     Stage("3 instruction tuning, ViT frozen", 800, 3e-4, ("model",), "assistant", MIXED),
@@ -221,18 +269,26 @@ def train_stage(model, processor, stage, rng, batch_size, device, pos_mode, rank
     for name, p in model.named_parameters():
         p.requires_grad = name.split(".")[0] in stage.train or (name.startswith("lm_head") and "model" in stage.train)
     params = [p for p in model.parameters() if p.requires_grad]
-    net = DistributedDataParallel(model, find_unused_parameters=True) if world > 1 else model
+    trained = model
+    if stage.loss_on == "cells":                       # the ViT warm-up trains ViT + merger + throwaway heads
+        trained = CellHeads(model.visual, model.config.vision.hidden_size).to(device)
+        params += list(trained.kind.parameters()) + list(trained.color.parameters())
+    net = DistributedDataParallel(trained, find_unused_parameters=True) if world > 1 else trained
     opt = torch.optim.AdamW(params, lr=stage.lr, betas=(0.9, 0.95), weight_decay=0.01)
     losses = []
     bar = tqdm(range(stage.steps), desc=f"stage {stage.name}", disable=not show or rank != 0, dynamic_ncols=True)
     data = batches(rng, stage.weights, batch_size)
     for step in bar:
-        batch, labels = make_batch(processor, next(data), stage.loss_on)
-        batch, labels = batch.to(device), labels.to(device)
-        logits = net(batch.input_ids, batch.attention_mask, batch.pixel_values, batch.image_grid_thw,
-                     batch.pixel_values_videos, batch.video_grid_thw,
-                     position_ids=positions(batch, model.config, pos_mode).to(device))
-        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE)
+        if stage.loss_on == "cells":
+            loss = cell_loss(net, processor, rng, batch_size, device)
+        else:
+            batch, labels = make_batch(processor, next(data), stage.loss_on)
+            batch, labels = batch.to(device), labels.to(device)
+            logits = net(batch.input_ids, batch.attention_mask, batch.pixel_values, batch.image_grid_thw,
+                         batch.pixel_values_videos, batch.video_grid_thw,
+                         position_ids=positions(batch, model.config, pos_mode).to(device))
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                                   ignore_index=IGNORE)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, stage)
         opt.zero_grad(set_to_none=True)
@@ -276,8 +332,7 @@ def train(out=NANO_DIR, seed=0, scale=1.0, batch_size=8, pos_mode="mrope", evalu
     rng = random.Random(seed * 1000 + rank + 1)   # each rank draws its own examples
     log, times, start = {}, {}, time.time()
     for stage in stages or STAGES:
-        stage = Stage(stage.name, max(1, round(stage.steps * scale)), stage.lr, stage.train, stage.loss_on,
-                      stage.weights)
+        stage = dataclasses.replace(stage, steps=max(1, round(stage.steps * scale)))
         t0 = time.time()
         log[stage.name] = train_stage(model, processor, stage, rng, batch_size // world, device, pos_mode, rank,
                                       world, show)

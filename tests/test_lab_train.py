@@ -97,3 +97,37 @@ def test_torchrun_two_processes(tmp_path):
     model, processor = q.load(out, device="cpu")
     assert sum(p.numel() for p in model.parameters()) > 1_000_000
     assert (out / "training" / "loss_curves.png").stat().st_size > 1000
+
+
+def test_cell_labels_name_the_shapes_under_the_merged_tokens(tok):
+    """One label per merged token, in the merger's raster order: the cell under each circle / square centre
+    carries its kind and colour, and the labelled cells name exactly the scene's shapes."""
+    processor, rng = train.nano_processor(tok), random.Random(2)
+    for _ in range(20):
+        scene = synthetic.draw_scene(rng, size=(224, 224))                 # = the pixel cap: no resize
+        kinds, colors = train.cell_labels(scene, processor)
+        assert kinds.shape == colors.shape == (64,)                        # 8 x 8 merged tokens
+        found = {(synthetic.SHAPES[k - 1], list(synthetic.COLORS)[c - 1]) for k, c in zip(kinds.tolist(),
+                                                                                          colors.tolist()) if k}
+        assert found == {(s.kind, s.color) for s in scene.shapes}
+        for s in scene.shapes:
+            if s.kind != "triangle":                                       # a triangle's box centre is its tip's side
+                cx, cy = (s.box[0] + s.box[2]) // 2, (s.box[1] + s.box[3]) // 2
+                assert kinds[(cy // 28) * 8 + cx // 28] == 1 + synthetic.SHAPES.index(s.kind)
+
+
+def test_vit_warm_up_lowers_its_loss_and_trains_only_the_vit(tok):
+    torch.manual_seed(0)
+    processor = train.nano_processor(tok)
+    model = train.init_weights(q.Qwen2VL(train.nano_config(tok)))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    stage = next(st for st in train.STAGES if st.loss_on == "cells")
+    stage = train.Stage(stage.name, 40, stage.lr, stage.train, stage.loss_on)
+    losses = train.train_stage(model, processor, stage, random.Random(0), 8, torch.device("cpu"), "mrope", 0, 1,
+                               show=False)
+    assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(before[k], v)}
+    assert changed and all(k.startswith("visual.") for k in changed)      # the throwaway heads are not kept
+    assert set(model.state_dict()) == set(before)
+    assert all(p.requires_grad for p in model.parameters())
+

@@ -351,3 +351,22 @@ def test_sample_example():
         S.sample_example(rng, {"weather": 1.0})
     with pytest.raises(ValueError):
         S.make_example(rng, "weather")
+
+
+def test_label_maps_agree_with_the_pixels(scenes):
+    """The ViT warm-up's dense labels: a pixel is labelled with a shape's kind and colour exactly where that
+    shape was painted (its colour within the jitter), and 0 on the background."""
+    for scene in scenes[:60]:
+        kind, color = (np.array(m) for m in S.label_maps(scene))
+        assert ((kind > 0) == (color > 0)).all()
+        pixels = np.array(scene.image).astype(int)
+        for s in scene.shapes:
+            x0, y0, x1, y1 = s.box
+            inside = kind[y0:y1, x0:x1] == 1 + S.SHAPES.index(s.kind)
+            assert inside.mean() > 0.4                                     # a triangle fills half its box
+            assert (color[y0:y1, x0:x1][inside] == 1 + list(S.COLORS).index(s.color)).all()
+            painted = np.abs(pixels[y0:y1, x0:x1][inside] - np.array(S.COLORS[s.color])).max(-1)
+            assert np.median(painted) <= TOL                                 # labelled pixels wear the colour
+        # no label outside the shapes' boxes (boxes never overlap)
+        boxes = [s.box for s in scene.shapes]
+        assert (kind > 0).sum() == sum((kind[y0:y1, x0:x1] > 0).sum() for x0, y0, x1, y1 in boxes)
