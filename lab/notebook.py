@@ -409,18 +409,12 @@ def held_out(n=6, seed=1234, categories=("caption", "color", "shape", "count", "
 @torch.no_grad()
 def answer_loss(model, processor, sets) -> dict:
     """Mean cross-entropy of the right answers (assistant tokens only) per category: lower = closer."""
-    import torch.nn.functional as F
-
-    from .train import IGNORE, make_batch, positions
+    from .train import make_batch, next_token_loss
+    device, dtype = device_of(model)
     out = {}
     for cat, examples in sets.items():
         batch, labels = make_batch(processor, examples, "assistant")
-        device, dtype = device_of(model)
-        batch, labels = batch.to(device, dtype), labels.to(device)
-        logits = model(batch.input_ids, batch.attention_mask, batch.pixel_values, batch.image_grid_thw,
-                       batch.pixel_values_videos, batch.video_grid_thw,
-                       position_ids=positions(batch, model.config, "mrope").to(device))
-        out[cat] = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE).item()
+        out[cat] = next_token_loss(model, model.config, batch.to(device, dtype), labels.to(device)).item()
     return out
 
 

@@ -186,6 +186,14 @@ def positions(batch, config, mode: str):
     return pos[None].expand(3, -1, -1)
 
 
+def next_token_loss(net, config, batch, labels, pos_mode="mrope"):
+    """Cross-entropy of each trained next token: logits (B, L, V) at position i predict labels[:, i + 1]."""
+    logits = net(batch.input_ids, batch.attention_mask, batch.pixel_values, batch.image_grid_thw,
+                 batch.pixel_values_videos, batch.video_grid_thw,
+                 position_ids=positions(batch, config, pos_mode).to(labels.device))
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE)
+
+
 def cell_labels(scene, processor) -> tuple[torch.Tensor, torch.Tensor]:
     """(kind, colour) class of the shape under each merged 28x28 token of a scene, (n,) each, in the merger's
     raster order; a cell counts as a shape's when the shape covers at least a quarter of it, else 0."""
@@ -277,18 +285,13 @@ def train_stage(model, processor, stage, rng, batch_size, device, pos_mode, rank
     opt = torch.optim.AdamW(params, lr=stage.lr, betas=(0.9, 0.95), weight_decay=0.01)
     losses = []
     bar = tqdm(range(stage.steps), desc=f"stage {stage.name}", disable=not show or rank != 0, dynamic_ncols=True)
-    data = batches(rng, stage.weights, batch_size)
+    data = batches(rng, stage.weights, batch_size) if stage.loss_on != "cells" else None   # chats, or scenes
     for step in bar:
-        if stage.loss_on == "cells":
+        if data is None:
             loss = cell_loss(net, processor, rng, batch_size, device)
         else:
             batch, labels = make_batch(processor, next(data), stage.loss_on)
-            batch, labels = batch.to(device), labels.to(device)
-            logits = net(batch.input_ids, batch.attention_mask, batch.pixel_values, batch.image_grid_thw,
-                         batch.pixel_values_videos, batch.video_grid_thw,
-                         position_ids=positions(batch, model.config, pos_mode).to(device))
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
-                                   ignore_index=IGNORE)
+            loss = next_token_loss(net, model.config, batch.to(device), labels.to(device), pos_mode)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, stage)
         opt.zero_grad(set_to_none=True)

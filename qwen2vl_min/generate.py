@@ -100,8 +100,8 @@ def generate(model, batch, max_new_tokens=128, temperature=0.0, top_p=1.0, top_k
     attention_mask = torch.ones(B, max_len, dtype=torch.long, device=device)   # future slots: masked causally
     attention_mask[:, :L] = batch.attention_mask
     logits, rope_deltas = prefill(model, batch, cache, position_ids)
-    # Compiled, the angles cost nothing inside the graph; eager, a table lookup saves ~15 small ops a step.
-    rope_table, done, ids = None if compile else decode_rope_table(model, rope_deltas, max_len, dtype), [False] * B, []
+    rope_table = None if compile else decode_rope_table(model, rope_deltas, max_len, dtype)  # compiled: in-graph
+    done, ids = [False] * B, []                    # a finished row repeats its last token until all have finished
     for step in range(max_new_tokens):
         if step:
             cache_pos = torch.tensor(L + step - 1, device=device) if compile else L + step - 1
