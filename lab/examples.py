@@ -15,6 +15,7 @@ EXAMPLES = (   # (question, files in OUT, the right answer): the app's example b
     ("What color is the circle?", ("scene.png",), "green."),
     ("Which image has more shapes?", ("two_a.png", "two_b.png"), "the second image."),
     ("What color is the moving shape?", ("clip.mp4",), "red."),
+    ("Which way is the red square moving?", ("clip.mp4",), "up."),
     ("How many shapes are there?", ("scene.png",), "3."),
 )
 # What the pictures show (checked when they are drawn); the examples above ask what the nano answers well.

@@ -605,7 +605,8 @@ def stage_plan(stages, scale=1.0):
     for i, st in enumerate(stages):
         steps = max(1, round(st.steps * scale))
         ax.barh(i, steps, left=start, color=colors[tuple(st.train)], height=0.6)
-        ax.text(start + steps / 2, i, f"{steps} steps, lr {st.lr:g}, loss on {st.loss_on}", ha="center",
+        cells = " + cells" if st.cells and st.loss_on != "cells" else ""
+        ax.text(start + steps / 2, i, f"{steps} steps, lr {st.lr:g}, loss on {st.loss_on}{cells}", ha="center",
                 va="center", fontsize=7)
         start += steps
     ax.set_yticks(range(len(stages)), [st.name for st in stages], fontsize=8)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 
 from PIL import Image, ImageDraw, ImageFont
@@ -38,6 +38,7 @@ class Scene:
     image: Image.Image
     shapes: tuple[Shape, ...]
     number: int | None                  # the written number, if any
+    digits: tuple[tuple[int, tuple[int, int, int, int]], ...] = ()   # each written digit and its ink box
 
 
 @dataclass(frozen=True)
@@ -133,8 +134,9 @@ def _layout(rng: random.Random, w: int, h: int, n: int, avoid=(), exact: bool = 
     raise RuntimeError(f"could not place {n} shapes on a {w}x{h} canvas")
 
 
-def _write_number(rng: random.Random, image: Image.Image) -> tuple[int, tuple[int, int, int, int]]:
-    """A 1-3 digit number in dark ink, glyphs 35-55 % of the canvas height (less if too wide to fit)."""
+def _write_number(rng: random.Random, image: Image.Image):
+    """A 1-3 digit number in dark ink, glyphs 35-55 % of the canvas height (less if too wide to fit).
+    Returns the number, its ink box and each digit with its own ink box (the dense labels of the ViT warm-up)."""
     digits = rng.randint(1, 3)          # even odds per length, else almost every number has 3 digits
     value = rng.randint(0 if digits == 1 else 10 ** (digits - 1), 10 ** digits - 1)
     text, (w, h) = str(value), image.size
@@ -148,8 +150,14 @@ def _write_number(rng: random.Random, image: Image.Image) -> tuple[int, tuple[in
     x, y = rng.randint(MARGIN, w - MARGIN - (x1 - x0)), rng.randint(MARGIN, h - MARGIN - (y1 - y0))
     grey = rng.randint(0, 60)
     ink = tuple(grey + rng.randint(0, 10) for _ in range(3))
-    ImageDraw.Draw(image).text((x - x0, y - y0), text, font=_font(size), fill=ink)
-    return value, (x, y, x + x1 - x0, y + y1 - y0)
+    font, origin = _font(size), (x - x0, y - y0)
+    ImageDraw.Draw(image).text(origin, text, font=font, fill=ink)
+    glyphs = []                         # digit k starts where the text before it ends (digits do not kern)
+    for k, ch in enumerate(text):
+        advance, (g0, g1, g2, g3) = font.getlength(text[:k]), font.getbbox(ch)
+        glyphs.append((int(ch), (round(origin[0] + advance + g0), origin[1] + g1,
+                                 round(origin[0] + advance + g2), origin[1] + g3)))
+    return value, (x, y, x + x1 - x0, y + y1 - y0), tuple(glyphs)
 
 
 def draw_scene(rng: random.Random, n_shapes: int | None = None, number: bool = False,
@@ -159,22 +167,38 @@ def draw_scene(rng: random.Random, n_shapes: int | None = None, number: bool = F
     w, h = size or (rng.randint(*SCENE_SIDE), rng.randint(*SCENE_SIDE))
     n = rng.randint(1, 3) if n_shapes is None else n_shapes
     image = Image.new("RGB", (w, h), _background(rng))
-    value, text_box = _write_number(rng, image) if number else (None, None)
+    value, text_box, digits = _write_number(rng, image) if number else (None, None, ())
     shapes = _layout(rng, w, h, n, [text_box] if number else [], exact=not number)
     for s in shapes:
         _paint(image, s.kind, s.box, _jitter(rng, COLORS[s.color]))
-    return Scene(image, tuple(shapes), value)
+    return Scene(image, tuple(shapes), value, digits)
 
 
-def label_maps(scene: Scene) -> tuple[Image.Image, Image.Image]:
-    """Per-pixel class maps of a scene ("L" images): the kind and the colour of the shape covering each pixel,
-    1 + its index in SHAPES / COLORS, 0 = background. The dense labels of the ViT warm-up (lab/train.py)."""
-    kind, color = (Image.new("L", scene.image.size, 0) for _ in range(2))
+def label_maps(scene: Scene) -> tuple[Image.Image, ...]:
+    """Per-pixel class maps of a scene ("L" images), the dense labels of the ViT warm-up (lab/train.py): the kind
+    and the colour of the shape covering each pixel (1 + its index in SHAPES / COLORS), the written digit whose
+    ink box holds it (1 + the digit) and that digit's place in the number (1 = first from the left), and the
+    motion there (1 + its index in DIRECTIONS; a still image: none). 0 = nothing."""
+    kind, color, digit, place, motion = (Image.new("L", scene.image.size, 0) for _ in range(5))
     for s in scene.shapes:
         inside = _mask(s.kind, s.box[2] - s.box[0]).point(lambda v: 255 if v >= 128 else 0)
         kind.paste(1 + SHAPES.index(s.kind), s.box, inside)
         color.paste(1 + list(COLORS).index(s.color), s.box, inside)
-    return kind, color
+    for k, (value, box) in enumerate(scene.digits):
+        digit.paste(1 + value, box)
+        place.paste(1 + k, box)
+    return kind, color, digit, place, motion
+
+
+def clip_label_maps(clip: Clip, frame: int) -> tuple[Image.Image, ...]:
+    """label_maps of one frame of a clip, whose motion map marks the moving shape in this frame and the next
+    (the pair of frames one temporal patch of the ViT sees) with 1 + the clip's direction."""
+    shapes = (replace(clip.moving, box=clip.boxes[frame]),) + ((clip.static,) if clip.static else ())
+    *still, motion = label_maps(Scene(clip.frames[frame], shapes, None))
+    for box in clip.boxes[frame:frame + 2]:
+        inside = _mask(clip.moving.kind, box[2] - box[0]).point(lambda v: 255 if v >= 128 else 0)
+        motion.paste(1 + DIRECTIONS.index(clip.direction), box, inside)
+    return (*still, motion)
 
 
 def draw_number_scene(rng: random.Random, size: tuple[int, int] | None = None) -> Scene:
@@ -305,7 +329,8 @@ def _chat(rng: random.Random, media: list[dict], turns, exact: float = EXACT_SHA
     return messages
 
 
-def _media(item: Scene | Clip) -> dict:
+def media_item(item: Scene | Clip) -> dict:
+    """A scene or clip as a message content item."""
     if isinstance(item, Clip):
         return {"type": "video", "video": list(item.frames), "fps": 2.0}
     return {"type": "image", "image": item.image}
@@ -349,7 +374,7 @@ def make_example(rng: random.Random, category: str, exact: float = EXACT_SHARE) 
         turns = [rng.choice(options)]
     else:
         raise ValueError(f"unknown category {category!r}; expected one of {CATEGORIES}")
-    messages = _chat(rng, [_media(item) for item in world], turns, exact)
+    messages = _chat(rng, [media_item(item) for item in world], turns, exact)
     return {"category": category, "messages": messages, "answer": messages[-1]["content"], "world": world}
 
 

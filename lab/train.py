@@ -1,8 +1,9 @@
 """The Qwen2-VL training recipe in miniature: trains the lab's own nano model on the synthetic world.
 
 Stage 0 stands in for the paper's starting points, in two parts: the language model warms up on text alone
-("initialised from Qwen2"), and the ViT + merger learn to name the kind and colour of the shape under each
-merged token from dense labels ("initialised from DFN's ViT"; the two linear heads are thrown away).
+("initialised from Qwen2"), and the ViT + merger learn to name the kind and colour of the shape, the written
+digit and the motion under each merged token from dense labels ("initialised from DFN's ViT"). Those linear
+heads stay on as an auxiliary loss in stages 1 and 2 and are thrown away at the end.
 Then come the paper's three stages (Qwen2-VL section 2.3): 1) the LLM is frozen and the ViT and merger learn
 from image-caption pairs; 2) everything trains on the mixed data; 3) the ViT is frozen and the LLM is
 instruction-tuned on ChatML conversations, with the loss on the assistant's tokens only.
@@ -186,56 +187,110 @@ def positions(batch, config, mode: str):
     return pos[None].expand(3, -1, -1)
 
 
-def next_token_loss(net, config, batch, labels, pos_mode="mrope"):
+def chat_inputs(batch, config, pos_mode="mrope") -> dict:
+    """The model's keyword arguments for a processed batch, with M-RoPE or the ablation's 1D position ids."""
+    return dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, pixel_values=batch.pixel_values,
+                image_grid_thw=batch.image_grid_thw, pixel_values_videos=batch.pixel_values_videos,
+                video_grid_thw=batch.video_grid_thw,
+                position_ids=positions(batch, config, pos_mode).to(batch.input_ids.device))
+
+
+def token_loss(logits, labels):
     """Cross-entropy of each trained next token: logits (B, L, V) at position i predict labels[:, i + 1]."""
-    logits = net(batch.input_ids, batch.attention_mask, batch.pixel_values, batch.image_grid_thw,
-                 batch.pixel_values_videos, batch.video_grid_thw,
-                 position_ids=positions(batch, config, pos_mode).to(labels.device))
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE)
 
 
-def cell_labels(scene, processor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(kind, colour) class of the shape under each merged 28x28 token of a scene, (n,) each, in the merger's
-    raster order; a cell counts as a shape's when the shape covers at least a quarter of it, else 0."""
+def next_token_loss(model, config, batch, labels, pos_mode="mrope"):
+    return token_loss(model(**chat_inputs(batch, config, pos_mode)), labels)
+
+
+CELL_CLASSES = (len(synthetic.SHAPES) + 1, len(synthetic.COLORS) + 1, 11, 4, len(synthetic.DIRECTIONS) + 1)
+CELL_NAMES = ("kind", "colour", "digit", "place", "motion")   # under each merged token; 0 = none (label_maps)
+
+
+def cell_labels(item, processor, grid=None) -> tuple[torch.Tensor, ...]:
+    """(kind, colour, digit, place, motion) class under each merged 28x28 token of a Scene or a Clip, (n,) each,
+    in the ViT's order (temporal patch, row, column); a cell takes the class covering most of it if that covers
+    at least a sixteenth of it (a video frame's small shapes straddle cells), else 0. `grid` = the media's
+    (t, h, w) patch grid (computed by the processor if None)."""
     from PIL import Image
+    clip = isinstance(item, synthetic.Clip)
+    if grid is None:
+        grid = processor.encode_media(synthetic.media_item(item))[1][0].tolist()
     side = processor.patch_size * processor.merge_size
-    h, w = q.processor.smart_resize(scene.image.height, scene.image.width, side, processor.min_pixels,
-                                    processor.max_pixels)
-    out = []
-    for label_map, n in zip(synthetic.label_maps(scene), (len(synthetic.SHAPES) + 1, len(synthetic.COLORS) + 1)):
-        a = torch.frombuffer(bytearray(label_map.resize((w, h), Image.NEAREST).tobytes()), dtype=torch.uint8)
-        # (h, w) -> (h/28, 28, w/28, 28) -> (cells, 784): the pixels of each merged token
-        cells = a.view(h // side, side, w // side, side).permute(0, 2, 1, 3).reshape(-1, side * side).long()
-        counts = F.one_hot(cells, n).sum(1)                             # (cells, n) pixels per class
-        counts[:, 0] = 0                                                # background only where no shape is
-        best = counts.max(1)
-        out.append(torch.where(best.values * 4 >= side * side, best.indices, 0))
-    return out[0], out[1]
+    h, w = grid[1] * processor.patch_size, grid[2] * processor.patch_size
+    per_t = []
+    for t in range(grid[0]):                    # a temporal patch sees frames 2t and 2t + 1 (an image: twice)
+        maps = synthetic.clip_label_maps(item, min(2 * t, len(item.frames) - 1)) if clip else synthetic.label_maps(item)
+        out = []
+        for label_map, n in zip(maps, CELL_CLASSES):
+            a = torch.frombuffer(bytearray(label_map.resize((w, h), Image.NEAREST).tobytes()), dtype=torch.uint8)
+            # (h, w) -> (h/28, 28, w/28, 28) -> (cells, 784): the pixels of each merged token
+            cells = a.view(h // side, side, w // side, side).permute(0, 2, 1, 3).reshape(-1, side * side).long()
+            counts = F.one_hot(cells, n).sum(1)                         # (cells, n) pixels per class
+            counts[:, 0] = 0                                            # background only where nothing else is
+            best = counts.max(1)
+            out.append(torch.where(best.values * 16 >= side * side, best.indices, 0))
+        per_t.append(out)
+    return tuple(torch.cat(labels) for labels in zip(*per_t))
 
 
 class CellHeads(torch.nn.Module):
-    """The ViT warm-up's model: the ViT + merger and two linear heads that name, for each merged token, the kind
-    and the colour of the shape under it. The heads are thrown away after the warm-up."""
+    """Linear heads that name, for each merged token the ViT + merger put out, the kind and colour of the shape,
+    the digit and its place in the number, and the motion under it: the ViT warm-up's task, and an auxiliary
+    loss later. Never saved."""
 
-    def __init__(self, visual, hidden: int):
+    def __init__(self, hidden: int):
         super().__init__()
-        self.visual = visual
-        self.kind = torch.nn.Linear(hidden, len(synthetic.SHAPES) + 1)
-        self.color = torch.nn.Linear(hidden, len(synthetic.COLORS) + 1)
+        self.heads = torch.nn.ModuleList(torch.nn.Linear(hidden, n) for n in CELL_CLASSES)
 
-    def forward(self, pixel_values, grid_thw):
-        f = self.visual(pixel_values, grid_thw)                         # (N/4, C): one row per merged token
-        return self.kind(f), self.color(f)
+    def forward(self, f):                                               # (N/4, C): one row per merged token
+        return tuple(head(f) for head in self.heads)
 
 
-def cell_loss(net, processor, rng, batch_size, device):
-    """One batch of scenes (a fifth with a written number) -> the warm-up's loss: cross-entropy of both heads."""
-    scenes = [synthetic.draw_scene(rng, number=rng.random() < 0.2) for _ in range(batch_size)]
-    rows, grids = zip(*(q.processor.image_to_patches(s.image, processor.min_pixels, processor.max_pixels)
-                        for s in scenes))
-    kinds, colors = (torch.cat(t).to(device) for t in zip(*(cell_labels(s, processor) for s in scenes)))
-    kind_logits, color_logits = net(torch.cat(rows).to(device), torch.cat(grids).to(device))
-    return F.cross_entropy(kind_logits, kinds) + F.cross_entropy(color_logits, colors)
+class Trainee(torch.nn.Module):
+    """What one optimiser step runs: the model on a batch of chats and/or the ViT + cell heads on a batch of
+    scenes. One module, so that DistributedDataParallel sees every parameter a step's losses reach."""
+
+    def __init__(self, model, heads):
+        super().__init__()
+        self.model, self.heads = model, heads
+
+    def forward(self, chat: dict | None, scenes: tuple | None):
+        logits = self.model(**chat) if chat is not None else None                    # (B, L, V)
+        cells = self.heads(self.model.visual(*scenes)) if scenes is not None else None
+        return logits, cells
+
+
+def scene_batch(processor, rng, n, device):
+    """n scenes and clips (three in ten are clips, and a third of the scenes have a written number) -> the ViT's
+    inputs (pixel rows, grids) and the cell labels of each merged token."""
+    items = [synthetic.draw_clip(rng) if rng.random() < 0.3 else synthetic.draw_scene(rng, number=rng.random() < 0.3)
+             for _ in range(n)]
+    rows, grids, labels = [], [], []
+    for item in items:
+        r, g, _ = processor.encode_media(synthetic.media_item(item))
+        rows.append(r), grids.append(g), labels.append(cell_labels(item, processor, g[0].tolist()))
+    targets = tuple(torch.cat(t).to(device) for t in zip(*labels))
+    return (torch.cat(rows).to(device), torch.cat(grids).to(device)), targets
+
+
+@torch.no_grad()
+def cell_accuracy(model, heads, processor, rng, device, n=64) -> dict:
+    """How well the ViT + heads name what lies under the merged tokens of n fresh scenes and clips: accuracy per
+    head over the cells that hold something (background cells are easy and would hide the rest)."""
+    scenes, targets = scene_batch(processor, rng, n, device)
+    out = {}
+    for name, logits, labels in zip(CELL_NAMES, heads(model.visual(*scenes)), targets):
+        held = labels > 0
+        if held.any():                                   # a small draw may hold no digit or no clip
+            out[name] = round((logits.argmax(-1)[held] == labels[held]).float().mean().item(), 3)
+    return out
+
+
+def cell_loss(cells, targets):
+    """Summed cross-entropy of the heads: ((kind, colour, digit, place, motion logits), (their labels))."""
+    return sum(F.cross_entropy(logits, labels) for logits, labels in zip(cells, targets))
 
 
 # ---------------------------------------------------------------- the recipe
@@ -245,8 +300,9 @@ class Stage:
     steps: int
     lr: float
     train: tuple          # which top-level parts learn: "visual", "model" (the LLM; lm_head is tied to it)
-    loss_on: str
+    loss_on: str          # "text", "assistant" (see labels_for) or "cells" (no chats: the cell loss alone)
     weights: dict = field(default_factory=dict)   # category -> sampling weight
+    cells: int = 0        # scenes per step for the cell-label loss (the ViT warm-up's task), 0 = none
 
 
 TEXT_ONLY = {"text_only": 1.0, "text_document": 3.0}
@@ -256,9 +312,9 @@ MIXED = {"caption": 1.0, "color": 0.5, "shape": 0.5, "count": 0.5, "count_kind":
          "text_only": 0.5}
 STAGES = (
     Stage("0 text warm-up", 300, 2e-3, ("model",), "text", TEXT_ONLY),
-    Stage("0 ViT warm-up, cell labels", 1200, 1e-3, ("visual",), "cells"),
-    Stage("1 ViT + merger, LLM frozen", 500, 2e-3, ("visual",), "assistant", {"caption": 1.0}),
-    Stage("2 everything, mixed data", 2600, 1e-3, ("visual", "model"), "text", MIXED),
+    Stage("0 ViT warm-up, cell labels", 1200, 1e-3, ("visual",), "cells", cells=8),
+    Stage("1 ViT + merger, LLM frozen", 500, 2e-3, ("visual",), "assistant", {"caption": 1.0}, cells=4),
+    Stage("2 everything, mixed data", 2600, 1e-3, ("visual", "model"), "text", MIXED, cells=4),
     Stage("3 instruction tuning, ViT frozen", 800, 3e-4, ("model",), "assistant", MIXED),
 )
 
@@ -272,26 +328,30 @@ def lr_at(step, stage):
     return stage.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * t)))
 
 
-def train_stage(model, processor, stage, rng, batch_size, device, pos_mode, rank, world, show=True):
-    """One stage: freeze what it freezes, train, return the loss of every step."""
+def train_stage(model, processor, stage, rng, batch_size, device, pos_mode, rank, world, show=True, heads=None):
+    """One stage: freeze what it freezes, train, return the loss of every step. A stage with `cells` trains
+    the cell heads too: pass the same `heads` to every stage to keep them (new ones are made otherwise)."""
     for name, p in model.named_parameters():
         p.requires_grad = name.split(".")[0] in stage.train or (name.startswith("lm_head") and "model" in stage.train)
     params = [p for p in model.parameters() if p.requires_grad]
-    trained = model
-    if stage.loss_on == "cells":                       # the ViT warm-up trains ViT + merger + throwaway heads
-        trained = CellHeads(model.visual, model.config.vision.hidden_size).to(device)
-        params += list(trained.kind.parameters()) + list(trained.color.parameters())
+    if stage.cells:
+        heads = heads if heads is not None else CellHeads(model.config.vision.hidden_size).to(device)
+        params += list(heads.parameters())
+    trained = Trainee(model, heads if stage.cells else None)
     net = DistributedDataParallel(trained, find_unused_parameters=True) if world > 1 else trained
     opt = torch.optim.AdamW(params, lr=stage.lr, betas=(0.9, 0.95), weight_decay=0.01)
     losses = []
     bar = tqdm(range(stage.steps), desc=f"stage {stage.name}", disable=not show or rank != 0, dynamic_ncols=True)
-    data = batches(rng, stage.weights, batch_size) if stage.loss_on != "cells" else None   # chats, or scenes
+    data = batches(rng, stage.weights, batch_size) if stage.loss_on != "cells" else None
     for step in bar:
-        if data is None:
-            loss = cell_loss(net, processor, rng, batch_size, device)
-        else:
+        chat = scenes = None
+        if data is not None:
             batch, labels = make_batch(processor, next(data), stage.loss_on)
-            loss = next_token_loss(net, model.config, batch.to(device), labels.to(device), pos_mode)
+            chat, labels = chat_inputs(batch.to(device), model.config, pos_mode), labels.to(device)
+        if stage.cells:
+            scenes, targets = scene_batch(processor, rng, max(1, stage.cells // world), device)
+        logits, cells = net(chat, scenes)
+        loss = (token_loss(logits, labels) if chat else 0) + (cell_loss(cells, targets) if scenes else 0)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, stage)
         opt.zero_grad(set_to_none=True)
@@ -333,12 +393,13 @@ def train(out=NANO_DIR, seed=0, scale=1.0, batch_size=8, pos_mode="mrope", evalu
     config, processor = nano_config(tok, rope_theta, mrope_section), nano_processor(tok)
     model = init_weights(q.Qwen2VL(config)).to(device)
     rng = random.Random(seed * 1000 + rank + 1)   # each rank draws its own examples
+    heads = CellHeads(config.vision.hidden_size).to(device)   # kept from stage to stage, never saved
     log, times, start = {}, {}, time.time()
     for stage in stages or STAGES:
         stage = dataclasses.replace(stage, steps=max(1, round(stage.steps * scale)))
         t0 = time.time()
         log[stage.name] = train_stage(model, processor, stage, rng, batch_size // world, device, pos_mode, rank,
-                                      world, show)
+                                      world, show, heads)
         times[stage.name] = time.time() - t0
     summary = {"seed": seed, "scale": scale, "batch_size": batch_size, "positions": pos_mode, "world_size": world,
                "rope_theta": rope_theta, "mrope_section": list(mrope_section),
@@ -346,6 +407,7 @@ def train(out=NANO_DIR, seed=0, scale=1.0, batch_size=8, pos_mode="mrope", evalu
                "parameters": sum(p.numel() for p in model.parameters()), "device": str(device)}
     if rank == 0:
         model.eval()
+        summary["cell_accuracy"] = cell_accuracy(model, heads, processor, random.Random(f"{seed}-cells"), device)
         if evaluate_n:
             from .evaluate import evaluate
             summary["evaluation"] = evaluate(model, processor, n=evaluate_n, positions=pos_mode, show=show)
@@ -384,6 +446,7 @@ def ablation(out=NANO_DIR, seed=0, scale=0.4, n=200):
     with tempfile.TemporaryDirectory() as tmp:
         for mode in ("mrope", "1d"):
             result[mode] = train(Path(tmp) / mode, seed, scale, pos_mode=mode, evaluate_n=n)["evaluation"]
+            print(mode, json.dumps(result[mode]), flush=True)
     (Path(out) / "training" / "ablation.json").write_text(json.dumps(result, indent=1))
     from .card import write_card
     write_card(Path(out))

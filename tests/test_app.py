@@ -204,7 +204,7 @@ def test_four_concurrent_sessions_each_get_their_own_answer(server, tiny, files)
     assert got == [expected(tiny, image_question(files[n])) for n in names]
 
 
-@pytest.mark.parametrize("example", range(4))
+@pytest.mark.parametrize("example", range(5))
 def test_api_answers_the_bundled_examples(server, example):
     """The app's example buttons (an image, two images, a video): each answered right, offline."""
     from lab.examples import EXAMPLES, OUT

@@ -1,5 +1,6 @@
 """The nano recipe: tokenizer, labels, a short training run that lowers the loss, and the 2-process
 torchrun run (DistributedDataParallel over gloo)."""
+import dataclasses
 import os
 import random
 import subprocess
@@ -105,8 +106,9 @@ def test_cell_labels_name_the_shapes_under_the_merged_tokens(tok):
     processor, rng = train.nano_processor(tok), random.Random(2)
     for _ in range(20):
         scene = synthetic.draw_scene(rng, size=(224, 224))                 # = the pixel cap: no resize
-        kinds, colors = train.cell_labels(scene, processor)
-        assert kinds.shape == colors.shape == (64,)                        # 8 x 8 merged tokens
+        kinds, colors, digits, places, motion = train.cell_labels(scene, processor)
+        assert kinds.shape == colors.shape == digits.shape == places.shape == motion.shape == (64,)   # 8 x 8 tokens
+        assert not digits.any() and not places.any() and not motion.any()
         found = {(synthetic.SHAPES[k - 1], list(synthetic.COLORS)[c - 1]) for k, c in zip(kinds.tolist(),
                                                                                           colors.tolist()) if k}
         assert found == {(s.kind, s.color) for s in scene.shapes}
@@ -114,6 +116,23 @@ def test_cell_labels_name_the_shapes_under_the_merged_tokens(tok):
             if s.kind != "triangle":                                       # a triangle's box centre is its tip's side
                 cx, cy = (s.box[0] + s.box[2]) // 2, (s.box[1] + s.box[3]) // 2
                 assert kinds[(cy // 28) * 8 + cx // 28] == 1 + synthetic.SHAPES.index(s.kind)
+    for _ in range(10):                                                    # written numbers: the digit under a cell
+        scene = synthetic.draw_number_scene(rng, size=(224, 224))
+        digits, places = train.cell_labels(scene, processor)[2:4]
+        assert {d - 1 for d in digits.tolist() if d} == {d for d, _ in scene.digits}
+        assert set(places.tolist()) == set(range(len(scene.digits) + 1))
+        assert ((digits > 0) == (places > 0)).all()
+    for _ in range(10):                                                    # clips: one row per merged video token
+        clip = synthetic.draw_clip(rng)
+        rows, grid, info = processor.encode_media(synthetic.media_item(clip))
+        kinds, colors, digits, places, motion = train.cell_labels(clip, processor)
+        assert kinds.shape == motion.shape == (info["tokens"],) and rows.shape[0] == 4 * info["tokens"]
+        assert set(motion.tolist()) == {0, 1 + synthetic.DIRECTIONS.index(clip.direction)}
+        moving = (kinds == 1 + synthetic.SHAPES.index(clip.moving.kind)) & \
+            (colors == 1 + list(synthetic.COLORS).index(clip.moving.color))
+        assert moving.any() and not (moving & (motion == 0)).any()          # where it is, it moves
+        per_t = info["tokens"] // grid[0, 0]                               # the shape is seen in every frame pair
+        assert all(motion[t * per_t:(t + 1) * per_t].any() for t in range(grid[0, 0]))
 
 
 def test_vit_warm_up_lowers_its_loss_and_trains_only_the_vit(tok):
@@ -122,7 +141,7 @@ def test_vit_warm_up_lowers_its_loss_and_trains_only_the_vit(tok):
     model = train.init_weights(q.Qwen2VL(train.nano_config(tok)))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     stage = next(st for st in train.STAGES if st.loss_on == "cells")
-    stage = train.Stage(stage.name, 40, stage.lr, stage.train, stage.loss_on)
+    stage = dataclasses.replace(stage, steps=40)
     losses = train.train_stage(model, processor, stage, random.Random(0), 8, torch.device("cpu"), "mrope", 0, 1,
                                show=False)
     assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5
@@ -131,3 +150,16 @@ def test_vit_warm_up_lowers_its_loss_and_trains_only_the_vit(tok):
     assert set(model.state_dict()) == set(before)
     assert all(p.requires_grad for p in model.parameters())
 
+
+def test_cell_accuracy_counts_only_the_cells_that_hold_something(tok):
+    """Heads that know every label score 1 per head; heads that always say "background" score 0."""
+    processor = train.nano_processor(tok)
+    model = train.init_weights(q.Qwen2VL(train.nano_config(tok)))
+    _, targets = train.scene_batch(processor, random.Random(5), 12, "cpu")
+    oracle = lambda f: tuple(torch.nn.functional.one_hot(t, n).float() for t, n in zip(targets, train.CELL_CLASSES))
+    blind = lambda f: tuple(torch.zeros(len(t), n).index_fill_(1, torch.tensor([0]), 1.0)
+                            for t, n in zip(targets, train.CELL_CLASSES))
+    assert train.cell_accuracy(model, oracle, processor, random.Random(5), "cpu", n=12) == \
+        {name: 1.0 for name in train.CELL_NAMES}
+    assert train.cell_accuracy(model, blind, processor, random.Random(5), "cpu", n=12) == \
+        {name: 0.0 for name in train.CELL_NAMES}

@@ -120,6 +120,44 @@ def test_number_scenes(number_scenes):
     assert tall >= 0.6 * len(number_scenes)
 
 
+def test_clip_label_maps_follow_the_moving_shape(clips):
+    """A clip frame's maps: the moving shape where it is in that frame, the static one where it stays, and the
+    motion map = 1 + the direction exactly on the moving shape in this frame and the next."""
+    for clip in clips[:30]:
+        for f in range(len(clip.frames)):
+            kind, color, digit, place, motion = (np.array(m) for m in S.clip_label_maps(clip, f))
+            x0, y0, x1, y1 = clip.boxes[f]
+            assert (kind[y0:y1, x0:x1] == 1 + S.SHAPES.index(clip.moving.kind)).mean() > 0.4
+            assert (color[y0:y1, x0:x1][kind[y0:y1, x0:x1] > 0] == 1 + list(S.COLORS).index(clip.moving.color)).all()
+            if clip.static:
+                sx0, sy0, sx1, sy1 = clip.static.box
+                assert (color[sy0:sy1, sx0:sx1] == 1 + list(S.COLORS).index(clip.static.color)).mean() > 0.4
+                assert not motion[sy0:sy1, sx0:sx1].any()                 # the static shape is off the path
+            assert set(np.unique(motion)) == {0, 1 + S.DIRECTIONS.index(clip.direction)}
+            assert not digit.any() and not place.any()
+            moved = np.zeros_like(motion, dtype=bool)
+            for bx0, by0, bx1, by1 in clip.boxes[f:f + 2]:
+                moved[by0:by1, bx0:bx1] = True
+            assert not (motion > 0)[~moved].any() and (motion > 0)[y0:y1, x0:x1].mean() > 0.4
+
+
+def test_digit_boxes_spell_the_number_and_hold_its_ink(number_scenes):
+    """The digit labels: one box per written digit, left to right, spelling the number; every dark pixel lies in
+    a box, every box holds ink, and inside its box the digit map is 1 + the digit, the place map 1 + its place."""
+    for scene in number_scenes:
+        assert "".join(str(d) for d, _ in scene.digits) == str(scene.number)
+        assert all(a[1][2] <= b[1][0] + 1 for a, b in zip(scene.digits, scene.digits[1:]))    # left to right
+        dark = dark_mask(pixels(scene.image))
+        covered = np.zeros_like(dark)
+        digit_map, place_map = (np.array(m) for m in S.label_maps(scene)[2:4])
+        for k, (d, (x0, y0, x1, y1)) in enumerate(scene.digits):
+            assert dark[y0:y1, x0:x1].sum() >= 10
+            covered[y0:y1, x0:x1] = True
+            assert (digit_map[y0:y1, x0:x1] == 1 + d).mean() > 0.9                 # neighbours may touch
+            assert (place_map[y0:y1, x0:x1] == 1 + k).mean() > 0.9                 # first, second, third
+        assert not (dark & ~covered).any()
+
+
 def ink_crop(image, size=(96, 48)):
     """The dark pixels' bounding box, binarised and resized to a fixed size, as a float array."""
     dark = dark_mask(pixels(image))
@@ -357,8 +395,9 @@ def test_label_maps_agree_with_the_pixels(scenes):
     """The ViT warm-up's dense labels: a pixel is labelled with a shape's kind and colour exactly where that
     shape was painted (its colour within the jitter), and 0 on the background."""
     for scene in scenes[:60]:
-        kind, color = (np.array(m) for m in S.label_maps(scene))
-        assert ((kind > 0) == (color > 0)).all()
+        kind, color, digit, place, motion = (np.array(m) for m in S.label_maps(scene))
+        assert ((kind > 0) == (color > 0)).all() and not motion.any()      # nothing moves in a still image
+        assert (digit > 0).any() == (scene.number is not None)
         pixels = np.array(scene.image).astype(int)
         for s in scene.shapes:
             x0, y0, x1, y1 = s.box
