@@ -2,8 +2,8 @@
 
 Stage 0 stands in for the paper's starting points, in two parts: the language model warms up on text alone
 ("initialised from Qwen2"), and the ViT + merger learn to name the kind and colour of the shape, the written
-digit and the motion under each merged token from dense labels ("initialised from DFN's ViT"). Those linear
-heads stay on as an auxiliary loss in stages 1 and 2 and are thrown away at the end.
+digit and its place in the number, and the motion under each merged token from dense labels ("initialised from
+DFN's ViT"). Those linear heads stay on as an auxiliary loss in stages 1 and 2 and are thrown away at the end.
 Then come the paper's three stages (Qwen2-VL section 2.3): 1) the LLM is frozen and the ViT and merger learn
 from image-caption pairs; 2) everything trains on the mixed data; 3) the ViT is frozen and the LLM is
 instruction-tuned on ChatML conversations, with the loss on the assistant's tokens only.
@@ -302,7 +302,7 @@ class Stage:
     train: tuple          # which top-level parts learn: "visual", "model" (the LLM; lm_head is tied to it)
     loss_on: str          # "text", "assistant" (see labels_for) or "cells" (no chats: the cell loss alone)
     weights: dict = field(default_factory=dict)   # category -> sampling weight
-    cells: int = 0        # scenes per step for the cell-label loss (the ViT warm-up's task), 0 = none
+    cells: int = 0        # scenes or clips per step (all processes together) for the cell-label loss, 0 = none
 
 
 TEXT_ONLY = {"text_only": 1.0, "text_document": 3.0}
