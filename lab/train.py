@@ -258,6 +258,7 @@ class Trainee(torch.nn.Module):
 
     def forward(self, chat: dict | None, scenes: tuple | None):
         logits = self.model(**chat) if chat is not None else None                    # (B, L, V)
+        # scenes: (pixel rows (N, 1176), grids (n, 3)) -> one (N/4, classes) logit table per cell head
         cells = self.heads(self.model.visual(*scenes)) if scenes is not None else None
         return logits, cells
 

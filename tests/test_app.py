@@ -15,7 +15,7 @@ import gradio as gr
 import qwen2vl_min as q
 from helpers import random_image
 from lab import synthetic, ui
-from lab.examples import write_clip
+from lab.examples import EXAMPLES, write_clip
 from lab.train import NANO_DIR
 
 if not (NANO_DIR / "model.safetensors").exists():
@@ -204,10 +204,10 @@ def test_four_concurrent_sessions_each_get_their_own_answer(server, tiny, files)
     assert got == [expected(tiny, image_question(files[n])) for n in names]
 
 
-@pytest.mark.parametrize("example", range(5))
+@pytest.mark.parametrize("example", range(len(EXAMPLES)))
 def test_api_answers_the_bundled_examples(server, example):
     """The app's example buttons (an image, two images, a video): each answered right, offline."""
-    from lab.examples import EXAMPLES, OUT
+    from lab.examples import OUT
     text, names, answer = EXAMPLES[example]
     assert ask(client(server), text, *(OUT / n for n in names)) == answer
 
@@ -228,7 +228,7 @@ def test_app_script_serves_the_nano_model_on_localhost():
     import subprocess
     import time
     from gradio_client import Client, handle_file
-    from lab.examples import EXAMPLES, OUT
+    from lab.examples import OUT
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
