@@ -109,7 +109,8 @@ def write_card(ckpt: Path = NANO_DIR) -> Path:
         lines += [f"Below target: {', '.join(missed)}." if missed else "Every category meets its target.", ""]
     if ablation:
         lines += ["## Ablation: M-RoPE vs plain 1D positions (`python -m lab.train --ablation`)", "",
-                  f"Both retrained with the same shorter schedule (scale {ablation['scale']}, seed {ablation['seed']});",
+                  f"Both retrained with the same shorter schedule (scale {ablation['scale']}, "
+                  f"seed {ablation['seed']});",
                   "the 1D run sets all three position rows to the token index, everything else equal.", "",
                   table(ablation["mrope"], ablation["1d"], "1D positions").replace("| accuracy |",
                                                                                   "| M-RoPE |"),

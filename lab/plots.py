@@ -109,8 +109,9 @@ def modality_shares(shares, labels, kinds=("text", "image", "video", "special"))
         ax.bar(np.arange(n), shares[:, k], bottom=bottom, color=KIND_COLORS[kind], label=kind, width=0.85)
         bottom += shares[:, k]
     ax.set_xticks(np.arange(n), [repr(t)[1:-1][:8] for t in labels], rotation=90, fontsize=7)
+    # the title takes two lines: one is wider than the figure of a short answer
     ax.set(ylim=(0, 1), ylabel="share of attention", xlabel="generated token",
-           title="where each generated token's attention went (mean of layers and heads)")
+           title="where each generated token's attention went\n(mean of layers and heads)")
     ax.title.set_fontsize(8)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1), frameon=False)
     return fig
