@@ -76,6 +76,12 @@ def _mask(kind: str, side: int) -> Image.Image:
     return mask.resize((side, side), Image.LANCZOS)
 
 
+def _inside(kind: str, box) -> Image.Image:
+    """The pixels of a shape's box that the shape covers by at least half (its anti-aliased mask, binarised):
+    where the dense labels name it."""
+    return _mask(kind, box[2] - box[0]).point(lambda v: 255 if v >= 128 else 0)
+
+
 def _paint(image: Image.Image, kind: str, box, rgb) -> Image.Image:
     image.paste(rgb, box, _mask(kind, box[2] - box[0]))
     return image
@@ -181,7 +187,7 @@ def label_maps(scene: Scene) -> tuple[Image.Image, ...]:
     motion there (1 + its index in DIRECTIONS; a still image: none). 0 = nothing."""
     kind, color, digit, place, motion = (Image.new("L", scene.image.size, 0) for _ in range(5))
     for s in scene.shapes:
-        inside = _mask(s.kind, s.box[2] - s.box[0]).point(lambda v: 255 if v >= 128 else 0)
+        inside = _inside(s.kind, s.box)
         kind.paste(1 + SHAPES.index(s.kind), s.box, inside)
         color.paste(1 + list(COLORS).index(s.color), s.box, inside)
     for k, (value, box) in enumerate(scene.digits):
@@ -196,8 +202,7 @@ def clip_label_maps(clip: Clip, frame: int) -> tuple[Image.Image, ...]:
     shapes = (replace(clip.moving, box=clip.boxes[frame]),) + ((clip.static,) if clip.static else ())
     *still, motion = label_maps(Scene(clip.frames[frame], shapes, None))
     for box in clip.boxes[frame:frame + 2]:
-        inside = _mask(clip.moving.kind, box[2] - box[0]).point(lambda v: 255 if v >= 128 else 0)
-        motion.paste(1 + DIRECTIONS.index(clip.direction), box, inside)
+        motion.paste(1 + DIRECTIONS.index(clip.direction), box, _inside(clip.moving.kind, box))
     return (*still, motion)
 
 

@@ -281,8 +281,9 @@ def cell_accuracy(model, heads, processor, rng, device, n=64) -> dict:
     """How well the ViT + heads name what lies under the merged tokens of n fresh scenes and clips: accuracy per
     head over the cells that hold something (background cells are easy and would hide the rest)."""
     scenes, targets = scene_batch(processor, rng, n, device)
+    _, cells = Trainee(model, heads)(None, scenes)                       # one (N/4, classes) table per head
     out = {}
-    for name, logits, labels in zip(CELL_NAMES, heads(model.visual(*scenes)), targets):
+    for name, logits, labels in zip(CELL_NAMES, cells, targets):
         held = labels > 0
         if held.any():                                   # a small draw may hold no digit or no clip
             out[name] = round((logits.argmax(-1)[held] == labels[held]).float().mean().item(), 3)
