@@ -8,7 +8,8 @@ Then come the paper's three stages (Qwen2-VL section 2.3): 1) the LLM is frozen 
 from image-caption pairs; 2) everything trains on the mixed data; 3) the ViT is frozen and the LLM is
 instruction-tuned on ChatML conversations, with the loss on the assistant's tokens only.
 Run it with `python -m lab.train` (seeded; under 30 min on 2 CPU cores);
-`torchrun --nproc_per_node=N -m lab.train` runs the same script under DistributedDataParallel.
+`torchrun --nproc_per_node=N -m lab.train` runs the same script under DistributedDataParallel; `--resume` goes on
+after the last stage an interrupted run finished.
 """
 import argparse
 import dataclasses
@@ -382,9 +383,42 @@ def plot_losses(log, path):
     plt.close(fig)
 
 
+def snapshot_dir(out: Path) -> Path:
+    """Where a run keeps its state after each finished stage: beside `out`, removed once the checkpoint is written."""
+    return out.parent / f".{out.name}.stages"
+
+
+def save_snapshot(out: Path, rank: int, index: int, recipe: str, model, heads, rng, log, times):
+    """After stage `index`: the weights, the cell heads and the data stream's random state (one file per process,
+    each process draws its own examples), written to a temporary name and renamed, so a crash leaves either the
+    old snapshot or the new one. Earlier snapshots of this process are removed: resuming needs only the last."""
+    folder = snapshot_dir(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f"{index}.rank{rank}.tmp"
+    torch.save({"recipe": recipe, "model": model.state_dict(), "heads": heads.state_dict(), "rng": rng.getstate(),
+                "torch_rng": torch.get_rng_state(), "log": log, "times": times}, tmp)
+    os.replace(tmp, folder / f"{index}.rank{rank}.pt")
+    for older in range(index):
+        (folder / f"{older}.rank{rank}.pt").unlink(missing_ok=True)
+
+
+def load_snapshot(out: Path, rank: int, recipe: str, n_stages: int):
+    """-> (index of the last finished stage, its snapshot) of a run with exactly this recipe, or None."""
+    for index in reversed(range(n_stages)):
+        path = snapshot_dir(out) / f"{index}.rank{rank}.pt"
+        if path.exists():
+            snap = torch.load(path, map_location="cpu", weights_only=True)
+            return (index, snap) if snap["recipe"] == recipe else None
+    return None
+
+
 def train(out=NANO_DIR, seed=0, scale=1.0, batch_size=8, pos_mode="mrope", evaluate_n=200, show=True,
-          rope_theta=ROPE_THETA, mrope_section=MROPE_SECTION, stages=None):
-    """The whole recipe. Writes the checkpoint (and its training log) to `out` atomically; returns the log."""
+          rope_theta=ROPE_THETA, mrope_section=MROPE_SECTION, stages=None, resume=False):
+    """The whole recipe. Writes the checkpoint (and its training log) to `out` atomically; returns the log.
+    The state after each stage is kept beside `out` (snapshot_dir) until the checkpoint is written: with
+    `resume`, a run with the same settings starts after the last stage an interrupted run finished, and ends
+    with the same weights as an uninterrupted run."""
+    out = Path(out)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
@@ -396,16 +430,32 @@ def train(out=NANO_DIR, seed=0, scale=1.0, batch_size=8, pos_mode="mrope", evalu
     model = init_weights(q.Qwen2VL(config)).to(device)
     rng = random.Random(seed * 1000 + rank + 1)   # each rank draws its own examples
     heads = CellHeads(config.vision.hidden_size).to(device)   # kept from stage to stage, never saved
-    log, times, start = {}, {}, time.time()
-    for stage in stages or STAGES:
-        stage = dataclasses.replace(stage, steps=max(1, round(stage.steps * scale)))
+    stages = [dataclasses.replace(s, steps=max(1, round(s.steps * scale))) for s in stages or STAGES]
+    recipe = json.dumps({"seed": seed, "batch_size": batch_size, "world_size": world, "positions": pos_mode,
+                         "rope_theta": rope_theta, "mrope_section": list(mrope_section),
+                         "stages": [dataclasses.asdict(s) for s in stages]}, sort_keys=True)
+    log, times, first = {}, {}, 0
+    found = load_snapshot(out, rank, recipe, len(stages)) if resume else None
+    if found:
+        index, snap = found
+        model.load_state_dict(snap["model"]), heads.load_state_dict(snap["heads"])
+        version, state, gauss = snap["rng"]
+        rng.setstate((version, tuple(state), gauss))
+        torch.set_rng_state(snap["torch_rng"])
+        log, times, first = snap["log"], snap["times"], index + 1
+    if resume and rank == 0 and show:
+        print(f"resuming after stage {stages[first - 1].name!r} from {snapshot_dir(out)}" if found else
+              f"nothing to resume: no stage of a run with these settings finished in {snapshot_dir(out)}; "
+              "starting from stage 0", flush=True)
+    for index, stage in enumerate(stages[first:], first):
         t0 = time.time()
         log[stage.name] = train_stage(model, processor, stage, rng, batch_size // world, device, pos_mode, rank,
                                       world, show, heads)
         times[stage.name] = time.time() - t0
+        save_snapshot(out, rank, index, recipe, model, heads, rng, log, times)
     summary = {"seed": seed, "scale": scale, "batch_size": batch_size, "positions": pos_mode, "world_size": world,
                "rope_theta": rope_theta, "mrope_section": list(mrope_section),
-               "train_seconds": round(time.time() - start), "stage_seconds": {k: round(v) for k, v in times.items()},
+               "train_seconds": round(sum(times.values())), "stage_seconds": {k: round(v) for k, v in times.items()},
                "parameters": sum(p.numel() for p in model.parameters()), "device": str(device)}
     if rank == 0:
         model.eval()
@@ -414,12 +464,14 @@ def train(out=NANO_DIR, seed=0, scale=1.0, batch_size=8, pos_mode="mrope", evalu
             from .evaluate import evaluate
             summary["evaluation"] = evaluate(model, processor, n=evaluate_n, positions=pos_mode, show=show)
             summary["evaluation_n"] = evaluate_n
-        write_checkpoint(model, processor, Path(out), log, summary)
+        write_checkpoint(model, processor, out, log, summary)
         from .card import write_card
-        write_card(Path(out))
+        write_card(out)
     if world > 1:
-        dist.barrier()
+        dist.barrier()                            # every rank has read its snapshots before they go
         dist.destroy_process_group()
+    if rank == 0:
+        shutil.rmtree(snapshot_dir(out), ignore_errors=True)
     return summary
 
 
@@ -467,6 +519,9 @@ def main(argv=None):
     p.add_argument("--mrope-section", type=int, nargs=3, default=list(MROPE_SECTION), metavar=("T", "H", "W"),
                    help="rotary pairs for the t, h and w rows (sum = head_dim / 2 = 16)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads per process (default: cores / processes)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run after the last stage it finished (its state is kept in the "
+                        "folder .NAME.stages beside --out); the other options must be the same as that run's")
     p.add_argument("--eval", type=int, default=200, help="held-out questions per category (0 = skip)")
     p.add_argument("--ablation", action="store_true",
                    help="instead: retrain M-RoPE and 1D-position models on a shorter schedule (--scale, default "
@@ -477,7 +532,7 @@ def main(argv=None):
         print(json.dumps(ablation(a.out, a.seed, a.scale if a.scale != 1.0 else 0.4, a.eval), indent=1))
         return
     s = train(a.out, a.seed, a.scale, a.batch_size, a.positions, a.eval, rope_theta=a.rope_theta,
-              mrope_section=tuple(a.mrope_section))
+              mrope_section=tuple(a.mrope_section), resume=a.resume)
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps({k: v for k, v in s.items() if k != "evaluation"}, indent=1))
         if "evaluation" in s:

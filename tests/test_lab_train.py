@@ -163,3 +163,46 @@ def test_cell_accuracy_counts_only_the_cells_that_hold_something(tok):
         {name: 1.0 for name in train.CELL_NAMES}
     assert train.cell_accuracy(model, blind, processor, random.Random(5), "cpu", n=12) == \
         {name: 0.0 for name in train.CELL_NAMES}
+
+
+def test_an_interrupted_run_resumes_after_its_last_finished_stage(tmp_path, monkeypatch):
+    """A run stopped in stage 3 leaves the state after stage 2 beside its output; `resume` trains only stage 3
+    and ends with exactly the weights of a run that went straight through. Nothing is left behind."""
+    kw = dict(scale=1.0, batch_size=2, evaluate_n=0, show=False,
+              stages=[dataclasses.replace(s, steps=2, cells=min(s.cells, 2)) for s in train.STAGES])
+    train.train(tmp_path / "whole", **kw)
+    real, ran = train.train_stage, []
+
+    def counted(model, processor, stage, *args, **kwargs):
+        ran.append(stage.name)
+        return real(model, processor, stage, *args, **kwargs)
+
+    def stop_in_stage_3(model, processor, stage, *args, **kwargs):
+        if stage.name.startswith("3"):
+            raise KeyboardInterrupt
+        return real(model, processor, stage, *args, **kwargs)
+
+    monkeypatch.setattr(train, "train_stage", stop_in_stage_3)
+    with pytest.raises(KeyboardInterrupt):
+        train.train(tmp_path / "cut", **kw)
+    assert not (tmp_path / "cut").exists()
+    last_finished = len(train.STAGES) - 2
+    assert sorted(p.name for p in train.snapshot_dir(tmp_path / "cut").iterdir()) == [f"{last_finished}.rank0.pt"]
+
+    monkeypatch.setattr(train, "train_stage", counted)
+    summary = train.train(tmp_path / "cut", resume=True, **kw)
+    assert ran == [train.STAGES[-1].name]
+    assert list(summary["stage_seconds"]) == [s.name for s in train.STAGES]
+    whole, _ = q.load(tmp_path / "whole", device="cpu")
+    cut, _ = q.load(tmp_path / "cut", device="cpu")
+    for name, tensor in whole.state_dict().items():
+        assert torch.equal(tensor, cut.state_dict()[name]), name
+    assert not train.snapshot_dir(tmp_path / "cut").exists()
+
+    monkeypatch.setattr(train, "train_stage", stop_in_stage_3)      # stopped again, then resumed with other
+    with pytest.raises(KeyboardInterrupt):                          # settings: that state does not apply
+        train.train(tmp_path / "other", **kw)
+    monkeypatch.setattr(train, "train_stage", counted)
+    ran.clear()
+    train.train(tmp_path / "other", resume=True, **{**kw, "batch_size": 4})
+    assert ran == [s.name for s in train.STAGES]
