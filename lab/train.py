@@ -438,11 +438,15 @@ def train(out=NANO_DIR, seed=0, scale=1.0, batch_size=8, pos_mode="mrope", evalu
     found = load_snapshot(out, rank, recipe, len(stages)) if resume else None
     if found:
         index, snap = found
-        model.load_state_dict(snap["model"]), heads.load_state_dict(snap["heads"])
+        model.load_state_dict(snap["model"])
+        heads.load_state_dict(snap["heads"])
         version, state, gauss = snap["rng"]
         rng.setstate((version, tuple(state), gauss))
         torch.set_rng_state(snap["torch_rng"])
         log, times, first = snap["log"], snap["times"], index + 1
+    else:                                         # a fresh start: an older run's state must not be resumed later
+        for stale in snapshot_dir(out).glob(f"*.rank{rank}.pt"):
+            stale.unlink()
     if resume and rank == 0 and show:
         print(f"resuming after stage {stages[first - 1].name!r} from {snapshot_dir(out)}" if found else
               f"nothing to resume: no stage of a run with these settings finished in {snapshot_dir(out)}; "
