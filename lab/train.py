@@ -402,14 +402,22 @@ def save_snapshot(out: Path, rank: int, index: int, recipe: str, model, heads, r
         (folder / f"{older}.rank{rank}.pt").unlink(missing_ok=True)
 
 
-def load_snapshot(out: Path, rank: int, recipe: str, n_stages: int):
-    """-> (index of the last finished stage, its snapshot) of a run with exactly this recipe, or None."""
+def restore_snapshot(out: Path, rank: int, recipe: str, n_stages: int, model, heads, rng):
+    """Load the last snapshot of a run with exactly this recipe into model, heads and rng.
+    -> (index of the first stage still to train, the losses and stage times so far); (0, {}, {}) if none."""
     for index in reversed(range(n_stages)):
         path = snapshot_dir(out) / f"{index}.rank{rank}.pt"
         if path.exists():
             snap = torch.load(path, map_location="cpu", weights_only=True)
-            return (index, snap) if snap["recipe"] == recipe else None
-    return None
+            if snap["recipe"] != recipe:
+                break
+            model.load_state_dict(snap["model"])
+            heads.load_state_dict(snap["heads"])
+            version, state, gauss = snap["rng"]                 # saved as lists; random wants tuples back
+            rng.setstate((version, tuple(state), gauss))
+            torch.set_rng_state(snap["torch_rng"])
+            return index + 1, snap["log"], snap["times"]
+    return 0, {}, {}
 
 
 def train(out=NANO_DIR, seed=0, scale=1.0, batch_size=8, pos_mode="mrope", evaluate_n=200, show=True,
@@ -434,23 +442,13 @@ def train(out=NANO_DIR, seed=0, scale=1.0, batch_size=8, pos_mode="mrope", evalu
     recipe = json.dumps({"seed": seed, "batch_size": batch_size, "world_size": world, "positions": pos_mode,
                          "rope_theta": rope_theta, "mrope_section": list(mrope_section),
                          "stages": [dataclasses.asdict(s) for s in stages]}, sort_keys=True)
-    log, times, first = {}, {}, 0
-    found = load_snapshot(out, rank, recipe, len(stages)) if resume else None
-    if found:
-        index, snap = found
-        model.load_state_dict(snap["model"])
-        heads.load_state_dict(snap["heads"])
-        version, state, gauss = snap["rng"]
-        rng.setstate((version, tuple(state), gauss))
-        torch.set_rng_state(snap["torch_rng"])
-        log, times, first = snap["log"], snap["times"], index + 1
-    else:                                         # a fresh start: an older run's state must not be resumed later
+    first, log, times = restore_snapshot(out, rank, recipe, len(stages), model, heads, rng) if resume else (0, {}, {})
+    if first == 0:                                # a fresh start: an older run's state must not be resumed later
         for stale in snapshot_dir(out).glob(f"*.rank{rank}.pt"):
             stale.unlink()
     if resume and rank == 0 and show:
-        print(f"resuming after stage {stages[first - 1].name!r} from {snapshot_dir(out)}" if found else
-              f"nothing to resume: no stage of a run with these settings finished in {snapshot_dir(out)}; "
-              "starting from stage 0", flush=True)
+        where = f"after stage {stages[first - 1].name!r}" if first else "at stage 0 (none finished with these settings)"
+        print(f"resuming {where} ({snapshot_dir(out)})", flush=True)
     for index, stage in enumerate(stages[first:], first):
         t0 = time.time()
         log[stage.name] = train_stage(model, processor, stage, rng, batch_size // world, device, pos_mode, rank,
