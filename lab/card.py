@@ -1,7 +1,8 @@
 """The nano model's card (checkpoints/qwen2vl-nano/README.md), written from its training log.
 
-`python -m lab.card` rewrites it from training/log.json (and training/ablation.json when the position
-ablation has been run), so the numbers in the card are always the measured ones.
+`python -m lab.card` rewrites it from training/log.json (and training/failures.json and training/ablation.json
+when the failure analysis and the position ablation have been run), so the numbers in the card are always the
+measured ones.
 """
 import json
 import platform
@@ -37,6 +38,42 @@ def ablation_reading(a: dict) -> str:
                    " patch (its warm-up labels motion), which both variants share, so in this recipe the ablation tests"
                    " the LLM's position ids on where things are, not on which way they move.")
     return f"{facts}. {verdict}{caveat}"
+
+
+def failure_lines(f: dict) -> list[str]:
+    """The card's "where it fails" section from `lab.evaluate.failures` (+ "n"): a table by number of shapes
+    beside what guessing among the scene's shapes would score, then what the numbers say, in words."""
+    by = f["by_shapes"]
+    counts = sorted({int(k) for table in by.values() for k in table})
+    head = "| question | " + " | ".join(f"{k} shape{'s' * (k != 1)}" for k in counts) + " |"
+    rows = [head, "|---|" + "---|" * len(counts)]
+    for cat, table in by.items():
+        cells = [f"{table[str(k)][0]}/{table[str(k)][1]} ({table[str(k)][0] / table[str(k)][1]:.0%})"
+                 if str(k) in table else "" for k in counts]
+        rows.append(f"| {cat} | " + " | ".join(cells) + " |")
+    rows.append("| color or shape: a guess among the scene's shapes | " + " | ".join(f"{1 / k:.0%}" if k else "" for k in counts)
+                + " |")
+    words = []
+    for cat, (named, wrong) in f["names_another"].items():
+        one, many = by[cat].get("1"), [by[cat][k] for k in ("2", "3") if k in by[cat]]
+        if wrong:
+            words.append(f"{named} of the {wrong} wrong {cat} answers name the {NAMED_WHAT[cat]} of another shape "
+                         "in the scene.")
+        if one and many and one[0] / one[1] >= 0.9 and sum(r for r, _ in many) / sum(n for _, n in many) < 0.8 \
+                and wrong and named >= 0.8 * wrong:
+            words.append(f"Asked about one shape, the model is right {one[0] / one[1]:.0%} of the time; with more "
+                         f"shapes it names another shape's {NAMED_WHAT[cat]}: it sees the objects but does not bind "
+                         "the question to the right one (the binding problem).")
+    parts = f.get("position_parts")
+    if parts:
+        words.append(f"Position answers have a row part (top / middle / bottom) and a column part (left / center / "
+                     f"right): the row part is right {parts['row']:.0%} of the time, the column part "
+                     f"{parts['column']:.0%} (chance 33% each).")
+    return [f"{f['n']} held-out questions per category, the same as above, split by the number of shapes in the "
+            "scene (right/asked; a number scene may have no shapes):", "", *rows, "", " ".join(words)]
+
+
+NAMED_WHAT = {"color": "colour", "shape": "kind"}
 
 
 def loss_on(stage) -> str:
@@ -107,6 +144,10 @@ def write_card(ckpt: Path = NANO_DIR) -> Path:
                   table(ev), ""]
         missed = [c for c in TARGETS if ev.get(c, 0) < TARGETS[c]]
         lines += [f"Below target: {', '.join(missed)}." if missed else "Every category meets its target.", ""]
+    failures_file = ckpt / "training" / "failures.json"
+    if failures_file.exists():
+        lines += ["## Where it fails (`python -m lab.evaluate --failures`)", "",
+                  *failure_lines(json.loads(failures_file.read_text())), ""]
     if ablation:
         lines += ["## Ablation: M-RoPE vs plain 1D positions (`python -m lab.train --ablation`)", "",
                   f"Both retrained with the same shorter schedule (scale {ablation['scale']}, "

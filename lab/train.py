@@ -462,11 +462,14 @@ def train(out=NANO_DIR, seed=0, scale=1.0, batch_size=8, pos_mode="mrope", evalu
     if rank == 0:
         model.eval()
         summary["cell_accuracy"] = cell_accuracy(model, heads, processor, random.Random(f"{seed}-cells"), device)
+        answered = None
         if evaluate_n:
-            from .evaluate import evaluate
-            summary["evaluation"] = evaluate(model, processor, n=evaluate_n, positions=pos_mode, show=show)
-            summary["evaluation_n"] = evaluate_n
+            from .evaluate import ask, save_failures, scores
+            answered = ask(model, processor, n=evaluate_n, positions=pos_mode, show=show)
+            summary["evaluation"], summary["evaluation_n"] = scores(answered), evaluate_n
         write_checkpoint(model, processor, out, log, summary)
+        if answered:
+            save_failures(out, answered)
         from .card import write_card
         write_card(out)
     if world > 1:

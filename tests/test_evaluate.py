@@ -1,0 +1,75 @@
+"""The failure analysis (lab.evaluate.failures): answers split by the number of shapes in the scene, wrong answers
+that name another object of the scene, position answers split into row and column; and the card's section."""
+import json
+import random
+import shutil
+
+from lab import card, evaluate as ev, synthetic
+from lab.train import NANO_DIR
+
+
+def _examples(category, n=60, seed=4):
+    rng = random.Random(seed)
+    return [synthetic.make_example(rng, category, exact=1.0) for _ in range(n)]
+
+
+def _binding_errors(examples):
+    """A model that is right about a lone shape and names another shape's colour when there are several."""
+    out = []
+    for ex in examples:
+        shapes = ex["world"][0].shapes
+        others = [s.color for s in shapes if f"{s.color}." != ex["answer"]]
+        out.append((ex, f"{others[0]}." if len(shapes) > 1 and others else ex["answer"]))
+    return out
+
+
+def test_binding_errors_show_up_by_number_of_shapes():
+    answered = {"color": _binding_errors(_examples("color"))}
+    f = ev.failures(answered)
+    sizes = [len(ex["world"][0].shapes) for ex, _ in answered["color"]]
+    wrong = sum(not ev.right(ex, got) for ex, got in answered["color"])
+    assert {int(k) for k in f["by_shapes"]["color"]} == set(sizes) and len(set(sizes)) == 3
+    assert f["by_shapes"]["color"]["1"] == [sizes.count(1), sizes.count(1)]        # a lone shape: always right
+    assert f["by_shapes"]["color"]["3"][1] == sizes.count(3)
+    assert 0 < wrong and f["names_another"]["color"] == [wrong, wrong]            # every error names another shape
+    assert ev.scores(answered)["color"] == (len(sizes) - wrong) / len(sizes)
+
+
+def test_a_colour_absent_from_the_scene_is_not_counted_as_naming_another_shape():
+    examples = _examples("color", 30)
+    absent = [next(c for c in synthetic.COLORS if c not in {s.color for s in ex["world"][0].shapes})
+              for ex in examples]
+    f = ev.failures({"color": [(ex, f"{c}.") for ex, c in zip(examples, absent)]})
+    assert f["names_another"]["color"] == [0, 30]
+    assert sum(right for right, _ in f["by_shapes"]["color"].values()) == 0
+
+
+def test_position_answers_split_into_row_and_column():
+    assert ev.row_and_column("Top left.") == ("top", "left")
+    assert ev.row_and_column("bottom") == ("bottom", "center")
+    assert ev.row_and_column("right.") == ("middle", "right")
+    assert ev.row_and_column("center.") == ("middle", "center")
+    examples = _examples("position", 40)
+    # answer every question with the right row and always "left" as the column
+    got = [" ".join(w for w in (ev.row_and_column(ex["answer"])[0], "left") if w != "middle") for ex in examples]
+    f = ev.failures({"position": list(zip(examples, got))})
+    left = sum(ev.row_and_column(ex["answer"])[1] == "left" for ex in examples)
+    assert f["position_parts"] == {"row": 1.0, "column": left / len(examples)}
+    assert 0 < left < len(examples)
+
+
+def test_the_card_shows_the_saved_failure_analysis(tmp_path):
+    ckpt = tmp_path / "nano"
+    (ckpt / "training").mkdir(parents=True)
+    for name in ("config.json", "training/log.json"):
+        shutil.copy(NANO_DIR / name, ckpt / name)
+    answered = {"color": _binding_errors(_examples("color")), "position": list(zip(_examples("position", 60),
+                                                                                   ["top."] * 60))}
+    saved = json.loads(ev.save_failures(ckpt, answered).read_text())
+    assert saved["n"] == 60 and saved["scores"] == ev.scores(answered)
+    text = card.write_card(ckpt).read_text()
+    section = text.split("## Where it fails")[1].split("\n## ")[0]
+    right, asked = saved["by_shapes"]["color"]["3"]
+    assert f"| color |" in section and f"{right}/{asked} ({right / asked:.0%})" in section
+    assert "does not bind the question to the right one" in section
+    assert f"the row part is right {saved['position_parts']['row']:.0%}" in section
