@@ -40,9 +40,10 @@ def ablation_reading(a: dict) -> str:
     return f"{facts}. {verdict}{caveat}"
 
 
-def failure_lines(f: dict) -> list[str]:
+def failure_lines(f: dict, asked: str) -> list[str]:
     """The card's "where it fails" section from `lab.evaluate.failures` (+ "n"): a table by number of shapes
-    beside what guessing among the scene's shapes would score, then what the numbers say, in words."""
+    beside what guessing among the scene's shapes would score, then what the numbers say, in words.
+    `asked` names the questions after their number ("held-out questions per category")."""
     by = f["by_shapes"]
     counts = sorted({int(k) for table in by.values() for k in table})
     head = "| question | " + " | ".join(f"{k} shape{'s' * (k != 1)}" for k in counts) + " |"
@@ -69,8 +70,8 @@ def failure_lines(f: dict) -> list[str]:
         words.append(f"Position answers have a row part (top / middle / bottom) and a column part (left / center / "
                      f"right): the row part is right {parts['row']:.0%} of the time, the column part "
                      f"{parts['column']:.0%} (chance 33% each).")
-    return [f"{f['n']} held-out questions per category, the same as above, split by the number of shapes in the "
-            "scene (right/asked; a number scene may have no shapes):", "", *rows, "", " ".join(words)]
+    return [f"{f['n']} {asked}, split by the number of shapes in the scene (right/asked; a number scene may have "
+            "no shapes):", "", *rows, "", " ".join(words)]
 
 
 NAMED_WHAT = {"color": "colour", "shape": "kind"}
@@ -146,8 +147,11 @@ def write_card(ckpt: Path = NANO_DIR) -> Path:
         lines += [f"Below target: {', '.join(missed)}." if missed else "Every category meets its target.", ""]
     failures_file = ckpt / "training" / "failures.json"
     if failures_file.exists():
+        f = json.loads(failures_file.read_text())
+        same = f.get("scores") == ev and f["n"] == s.get("evaluation_n")     # one run: the table's own answers
         lines += ["## Where it fails (`python -m lab.evaluate --failures`)", "",
-                  *failure_lines(json.loads(failures_file.read_text())), ""]
+                  *failure_lines(f, "held-out questions per category, " + (
+                      "the answers of the table above" if same else "a separate run of the evaluation")), ""]
     if ablation:
         lines += ["## Ablation: M-RoPE vs plain 1D positions (`python -m lab.train --ablation`)", "",
                   f"Both retrained with the same shorter schedule (scale {ablation['scale']}, "

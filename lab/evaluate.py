@@ -146,17 +146,20 @@ def main(argv=None):
     p.add_argument("--write", action="store_true",
                    help="with --failures: save them as training/failures.json of the checkpoint and rewrite its card")
     a = p.parse_args(argv)
-    if a.write and not a.failures:
-        p.error("--write saves the failure analysis: add --failures")
     from .card import failure_lines, write_card
     from .train import NANO_DIR
     ckpt = Path(a.model or NANO_DIR)
+    if a.write and not a.failures:
+        p.error("--write saves the failure analysis: add --failures")
+    if a.write and not (ckpt / "training" / "log.json").is_file():
+        p.error(f"--write adds to the card of a checkpoint trained by `python -m lab.train`; {ckpt} has no "
+                "training/log.json (leave out --write to only print the analysis)")
     model, processor = q.load(ckpt)
     answered = ask(model, processor, a.n, positions=a.positions)
     print(table(scores(answered)))
     print(json.dumps(scores(answered)))
     if a.failures:
-        print("\n".join(failure_lines({"n": a.n, **failures(answered)})))
+        print("\n".join(failure_lines({"n": a.n, **failures(answered)}, "held-out questions per category")))
     if a.write:
         print("wrote", save_failures(ckpt, answered), "and", write_card(ckpt))
 
