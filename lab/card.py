@@ -16,6 +16,7 @@ from .train import NANO_DIR, STAGES
 
 
 CHANCE = {"position": 1 / 9, "video_direction": 1 / 4}     # 9 regions, 4 directions
+NAMED_WHAT = {"color": "colour", "shape": "kind"}           # what a binding error names (lab.evaluate.NAMED)
 
 
 def ablation_reading(a: dict) -> str:
@@ -52,8 +53,8 @@ def failure_lines(f: dict, asked: str) -> list[str]:
         cells = [f"{table[str(k)][0]}/{table[str(k)][1]} ({table[str(k)][0] / table[str(k)][1]:.0%})"
                  if str(k) in table else "" for k in counts]
         rows.append(f"| {cat} | " + " | ".join(cells) + " |")
-    rows.append("| color or shape: a guess among the scene's shapes | " + " | ".join(f"{1 / k:.0%}" if k else "" for k in counts)
-                + " |")
+    guess = [f"{1 / k:.0%}" if k else "" for k in counts]
+    rows.append("| color or shape: a guess among the scene's shapes | " + " | ".join(guess) + " |")
     words = []
     for cat, (named, wrong) in f["names_another"].items():
         one, many = by[cat].get("1"), [by[cat][k] for k in ("2", "3") if k in by[cat]]
@@ -72,9 +73,6 @@ def failure_lines(f: dict, asked: str) -> list[str]:
                      f"{parts['column']:.0%} (chance 33% each).")
     return [f"{f['n']} {asked}, split by the number of shapes in the scene (right/asked; a number scene may have "
             "no shapes):", "", *rows, "", " ".join(words)]
-
-
-NAMED_WHAT = {"color": "colour", "shape": "kind"}
 
 
 def loss_on(stage) -> str:

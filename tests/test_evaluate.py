@@ -70,7 +70,7 @@ def test_the_card_shows_the_saved_failure_analysis(tmp_path):
     text = card.write_card(ckpt).read_text()
     section = text.split("## Where it fails")[1].split("\n## ")[0]
     right, asked = saved["by_shapes"]["color"]["3"]
-    assert f"| color |" in section and f"{right}/{asked} ({right / asked:.0%})" in section
+    assert "| color |" in section and f"{right}/{asked} ({right / asked:.0%})" in section
     assert "does not bind the question to the right one" in section
     assert "a separate run of the evaluation" in section          # 60 questions here, 200 in the copied log
     assert f"the row part is right {saved['position_parts']['row']:.0%}" in section
