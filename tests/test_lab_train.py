@@ -1,6 +1,7 @@
 """The nano recipe: tokenizer, labels, a short training run that lowers the loss, and the 2-process
 torchrun run (DistributedDataParallel over gloo)."""
 import dataclasses
+import json
 import os
 import random
 import subprocess
@@ -206,3 +207,13 @@ def test_an_interrupted_run_resumes_after_its_last_finished_stage(tmp_path, monk
     ran.clear()
     train.train(tmp_path / "other", resume=True, **{**kw, "batch_size": 4})
     assert ran == [s.name for s in train.STAGES]
+
+
+def test_a_run_writes_its_failure_analysis_from_its_own_evaluation(tmp_path):
+    """The run's one evaluation pass gives both the card's accuracy table and its "Where it fails" section."""
+    stages = [dataclasses.replace(s, steps=1, cells=min(s.cells, 2)) for s in train.STAGES]
+    summary = train.train(tmp_path / "run", scale=1.0, batch_size=2, evaluate_n=2, show=False, stages=stages)
+    saved = json.loads((tmp_path / "run" / "training" / "failures.json").read_text())
+    assert saved["n"] == 2 and saved["scores"] == summary["evaluation"]
+    assert sum(asked for _, asked in saved["by_shapes"]["color"].values()) == 2
+    assert "the answers of the table above" in (tmp_path / "run" / "README.md").read_text()
