@@ -156,8 +156,9 @@ def main(argv=None):
                 "training/log.json (leave out --write to only print the analysis)")
     model, processor = q.load(ckpt)
     answered = ask(model, processor, a.n, positions=a.positions)
-    print(table(scores(answered)))
-    print(json.dumps(scores(answered)))
+    measured = scores(answered)
+    print(table(measured))
+    print(json.dumps(measured))
     if a.failures:
         print("\n".join(failure_lines({"n": a.n, **failures(answered)}, "held-out questions per category")))
     if a.write:

@@ -464,12 +464,10 @@ def train(out=NANO_DIR, seed=0, scale=1.0, batch_size=8, pos_mode="mrope", evalu
         summary["cell_accuracy"] = cell_accuracy(model, heads, processor, random.Random(f"{seed}-cells"), device)
         answered = None
         if evaluate_n:
-            from .evaluate import ask, save_failures, scores
+            from .evaluate import ask, scores
             answered = ask(model, processor, n=evaluate_n, positions=pos_mode, show=show)
             summary["evaluation"], summary["evaluation_n"] = scores(answered), evaluate_n
-        write_checkpoint(model, processor, out, log, summary)
-        if answered:
-            save_failures(out, answered)
+        write_checkpoint(model, processor, out, log, summary, answered)
         from .card import write_card
         write_card(out)
     if world > 1:
@@ -480,14 +478,18 @@ def train(out=NANO_DIR, seed=0, scale=1.0, batch_size=8, pos_mode="mrope", evalu
     return summary
 
 
-def write_checkpoint(model, processor, out: Path, log, summary):
-    """The checkpoint plus training/ (loss curves, log); staged in a sibling folder, then swapped in."""
+def write_checkpoint(model, processor, out: Path, log, summary, answered=None):
+    """The checkpoint plus training/ (loss curves, log, and the failure analysis of the evaluation's `answered`,
+    see lab.evaluate.ask); staged in a sibling folder, then swapped in."""
     stage_dir = out.parent / f".{out.name}.new"
     shutil.rmtree(stage_dir, ignore_errors=True)
     q.save(model, processor, stage_dir)
     (stage_dir / "training").mkdir()
     (stage_dir / "training" / "log.json").write_text(json.dumps({"summary": summary, "losses": log}))
     plot_losses(log, stage_dir / "training" / "loss_curves.png")
+    if answered:
+        from .evaluate import save_failures
+        save_failures(stage_dir, answered)
     if (out / "training" / "ablation.json").exists():   # the ablation is a separate, slower run: keep it
         shutil.copy(out / "training" / "ablation.json", stage_dir / "training" / "ablation.json")
     old = out.parent / f".{out.name}.old"
