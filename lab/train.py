@@ -228,7 +228,8 @@ def cell_labels(item, processor, grid=None) -> tuple[torch.Tensor, ...]:
             a = torch.frombuffer(bytearray(label_map.resize((w, h), Image.NEAREST).tobytes()), dtype=torch.uint8)
             # (h, w) -> (h/28, 28, w/28, 28) -> (cells, 784): the pixels of each merged token
             cells = a.view(h // side, side, w // side, side).permute(0, 2, 1, 3).reshape(-1, side * side).long()
-            counts = F.one_hot(cells, n).sum(1)                         # (cells, n) pixels per class
+            slot = cells + n * torch.arange(len(cells)).unsqueeze(1)    # (cells, 784): (cell, class) -> one bin
+            counts = torch.bincount(slot.flatten(), minlength=len(cells) * n).view(-1, n)   # (cells, n) pixels
             counts[:, 0] = 0                                            # background only where nothing else is
             best = counts.max(1)
             out.append(torch.where(best.values * 16 >= side * side, best.indices, 0))

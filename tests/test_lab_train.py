@@ -136,6 +136,33 @@ def test_cell_labels_name_the_shapes_under_the_merged_tokens(tok):
         assert all(motion[t * per_t:(t + 1) * per_t].any() for t in range(grid[0, 0]))
 
 
+def test_cell_labels_take_the_majority_class_of_each_cell(tok):
+    """cell_labels' vectorised count against a plain loop over the cells of resized label maps: the class
+    covering most of a 28x28 cell (background only if nothing else covers 1/16 of it), scenes and clips."""
+    from collections import Counter
+    from PIL import Image
+    processor, rng = train.nano_processor(tok), random.Random(5)
+    items = [synthetic.draw_scene(rng, number=k % 2 == 1) for k in range(6)] + [synthetic.draw_clip(rng)]
+    for item in items:
+        grid = processor.encode_media(synthetic.media_item(item))[1][0].tolist()
+        got = train.cell_labels(item, processor, grid)
+        h, w = grid[1] * 14, grid[2] * 14
+        frames = [synthetic.clip_label_maps(item, min(2 * t, len(item.frames) - 1)) if isinstance(item, synthetic.Clip)
+                  else synthetic.label_maps(item) for t in range(grid[0])]
+        for k in range(len(train.CELL_CLASSES)):
+            want = []
+            for maps in frames:
+                pixels = maps[k].resize((w, h), Image.NEAREST).load()
+                for cy in range(h // 28):
+                    for cx in range(w // 28):
+                        count = Counter(pixels[x, y] for y in range(28 * cy, 28 * cy + 28)
+                                        for x in range(28 * cx, 28 * cx + 28))
+                        count.pop(0, None)
+                        best = max(sorted(count), key=count.get, default=0)      # ties: the lower class
+                        want.append(best if count.get(best, 0) * 16 >= 28 * 28 else 0)
+            assert got[k].tolist() == want
+
+
 def test_vit_warm_up_lowers_its_loss_and_trains_only_the_vit(tok):
     torch.manual_seed(0)
     processor = train.nano_processor(tok)
