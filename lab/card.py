@@ -11,12 +11,11 @@ from pathlib import Path
 
 import torch
 
-from .evaluate import TARGETS, table
+from .evaluate import NAMED, TARGETS, table
 from .train import NANO_DIR, STAGES
 
 
 CHANCE = {"position": 1 / 9, "video_direction": 1 / 4}     # 9 regions, 4 directions
-NAMED_WHAT = {"color": "colour", "shape": "kind"}           # what a binding error names (lab.evaluate.NAMED)
 
 
 def ablation_reading(a: dict) -> str:
@@ -57,14 +56,15 @@ def failure_lines(f: dict, asked: str) -> list[str]:
     rows.append("| color or shape: a guess among the scene's shapes | " + " | ".join(guess) + " |")
     words = []
     for cat, (named, wrong) in f["names_another"].items():
+        what = "colour" if NAMED[cat] == "color" else NAMED[cat]          # the Shape attribute, in the card's words
         one, many = by[cat].get("1"), [by[cat][k] for k in ("2", "3") if k in by[cat]]
         if wrong:
-            words.append(f"{named} of the {wrong} wrong {cat} answers name the {NAMED_WHAT[cat]} of another shape "
+            words.append(f"{named} of the {wrong} wrong {cat} answers name the {what} of another shape "
                          "in the scene.")
         if one and many and one[0] / one[1] >= 0.9 and sum(r for r, _ in many) / sum(n for _, n in many) < 0.8 \
                 and wrong and named >= 0.8 * wrong:
             words.append(f"Asked about one shape, the model is right {one[0] / one[1]:.0%} of the time; with more "
-                         f"shapes it names another shape's {NAMED_WHAT[cat]}: it sees the objects but does not bind "
+                         f"shapes it names another shape's {what}: it sees the objects but does not bind "
                          "the question to the right one (the binding problem).")
     parts = f.get("position_parts")
     if parts:

@@ -146,20 +146,21 @@ def test_cell_labels_take_the_majority_class_of_each_cell(tok):
     for item in items:
         grid = processor.encode_media(synthetic.media_item(item))[1][0].tolist()
         got = train.cell_labels(item, processor, grid)
-        h, w = grid[1] * 14, grid[2] * 14
+        side = processor.patch_size * processor.merge_size                # 28 px: one merged token
+        h, w = grid[1] * processor.patch_size, grid[2] * processor.patch_size
         frames = [synthetic.clip_label_maps(item, min(2 * t, len(item.frames) - 1)) if isinstance(item, synthetic.Clip)
                   else synthetic.label_maps(item) for t in range(grid[0])]
         for k in range(len(train.CELL_CLASSES)):
             want = []
             for maps in frames:
                 pixels = maps[k].resize((w, h), Image.NEAREST).load()
-                for cy in range(h // 28):
-                    for cx in range(w // 28):
-                        count = Counter(pixels[x, y] for y in range(28 * cy, 28 * cy + 28)
-                                        for x in range(28 * cx, 28 * cx + 28))
+                for cy in range(h // side):
+                    for cx in range(w // side):
+                        count = Counter(pixels[x, y] for y in range(side * cy, side * cy + side)
+                                        for x in range(side * cx, side * cx + side))
                         count.pop(0, None)
                         best = max(sorted(count), key=count.get, default=0)      # ties: the lower class
-                        want.append(best if count.get(best, 0) * 16 >= 28 * 28 else 0)
+                        want.append(best if count.get(best, 0) * 16 >= side * side else 0)
             assert got[k].tolist() == want
 
 
