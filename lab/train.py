@@ -421,6 +421,18 @@ def restore_snapshot(out: Path, rank: int, recipe: str, n_stages: int, model, he
     return 0, {}, {}
 
 
+def same_start(first: int, folder: Path):
+    """Under torchrun, check that every process resumes at the same stage: one whose snapshot is missing or
+    stale would start over while the others go on, and their DistributedDataParallel steps would then pair
+    different stages (a hang, or silently mixed gradients). Raises on every process if they differ."""
+    starts = [None] * dist.get_world_size()
+    dist.all_gather_object(starts, first)
+    if len(set(starts)) > 1:
+        raise RuntimeError(f"--resume: the processes' snapshots in {folder} end after different stages (first "
+                           f"stage to train, by rank: {starts}); every process needs its own snapshot of the same "
+                           f"stage. Delete {folder} and start the run again without --resume.")
+
+
 def train(out=NANO_DIR, seed=0, scale=1.0, batch_size=8, pos_mode="mrope", evaluate_n=200, show=True,
           rope_theta=ROPE_THETA, mrope_section=MROPE_SECTION, stages=None, resume=False):
     """The whole recipe. Writes the checkpoint (and its training log) to `out` atomically; returns the log.
@@ -444,6 +456,8 @@ def train(out=NANO_DIR, seed=0, scale=1.0, batch_size=8, pos_mode="mrope", evalu
                          "rope_theta": rope_theta, "mrope_section": list(mrope_section),
                          "stages": [dataclasses.asdict(s) for s in stages]}, sort_keys=True)
     first, log, times = restore_snapshot(out, rank, recipe, len(stages), model, heads, rng) if resume else (0, {}, {})
+    if world > 1:
+        same_start(first, snapshot_dir(out))
     if first == 0:                                # a fresh start: an older run's state must not be resumed later
         for stale in snapshot_dir(out).glob(f"*.rank{rank}.pt"):
             stale.unlink()

@@ -6,6 +6,7 @@ import os
 import random
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -99,6 +100,39 @@ def test_torchrun_two_processes(tmp_path):
     model, processor = q.load(out, device="cpu")
     assert sum(p.numel() for p in model.parameters()) > 1_000_000
     assert (out / "training" / "loss_curves.png").stat().st_size > 1000
+
+
+SAME_START = """
+import sys, torch.distributed as dist
+from pathlib import Path
+from lab import train
+dist.init_process_group("gloo")
+starts = [int(x) for x in sys.argv[1].split(",")]
+try:
+    train.same_start(starts[dist.get_rank()], Path("snapshots"))
+    said = "goes on"
+except RuntimeError as e:
+    said = f"stops: {e}"
+(Path(sys.argv[2]) / f"rank{dist.get_rank()}.txt").write_text(said)     # one file each: stdout would interleave
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.parametrize("starts", ["3,3", "3,0"])
+def test_resumed_processes_must_start_at_the_same_stage(tmp_path, starts):
+    """Under torchrun, a process whose snapshot is missing would start over while the others go on: every
+    process learns where the others start, and all of them stop with the same explanation if any differs."""
+    script = tmp_path / "same_start.py"
+    script.write_text(SAME_START)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(train.__file__).parent.parent)}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29518",
+                        str(script), starts, str(tmp_path)], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    said = [(tmp_path / f"rank{rank}.txt").read_text() for rank in (0, 1)]
+    if starts == "3,3":
+        assert said == ["goes on", "goes on"]
+    else:
+        assert all(s.startswith("stops:") and "[3, 0]" in s and "without --resume" in s for s in said), said
 
 
 def test_cell_labels_name_the_shapes_under_the_merged_tokens(tok):
