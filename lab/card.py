@@ -75,6 +75,39 @@ def failure_lines(f: dict, asked: str) -> list[str]:
             "no shapes):", "", *rows, "", " ".join(words)]
 
 
+def probe_lines(p: dict, f: dict | None) -> list[str]:
+    """The card's probe section from `lab.probe` (training/probe.json): each look-up on the model's visual
+    tokens and on a random ViT's, beside the LLM's own answers to the same question on two- and three-shape
+    scenes (from the failure analysis `f`, if saved), then what that says."""
+    from .synthetic import TEMPLATES
+    category = {attribute: cat for cat, attribute in NAMED.items()}     # the attribute asked -> its question
+    rows = ["| look-up | the question it answers | probe on the nano's visual tokens | probe on a random ViT's | "
+            "guess among the scene's shapes | the LLM, 2-3 shapes |", "|---|---|---|---|---|---|"]
+    llm, question = {}, {}
+    for look in ("kind->color", "color->kind"):
+        m, r = p["model"][look], p["random_vit"][look]
+        cat = category[look.split("->")[1]]
+        question[look] = TEMPLATES[cat][0]                              # the exact phrasing the evaluation asks
+        by = (f or {}).get("by_shapes", {}).get(cat, {})
+        many = [by[k] for k in ("2", "3") if k in by]
+        if many:
+            llm[look] = sum(right for right, _ in many) / sum(asked for _, asked in many)
+        rows.append(f"| {look.replace('->', ' -> ')} | \"{question[look]}\" | {m['accuracy']:.1%} | "
+                    f"{r['accuracy']:.1%} | {m['chance']:.0%} | " + (f"{llm[look]:.0%}" if look in llm else "") + " |")
+    m = p["model"]
+    words = [f"One attention head trained for {m['epochs']} passes over {m['train_scenes']} scenes on the frozen "
+             f"visual tokens, scored on {m['scenes'] - m['train_scenes']} others."]
+    k2c, c2k = m["kind->color"]["accuracy"], m["color->kind"]["accuracy"]
+    if min(k2c, c2k) >= 0.95 and "kind->color" in llm and llm["kind->color"] < 0.8:
+        words.append(f"The tokens hold the answer: one head finds the named shape and reads its colour "
+                     f"{k2c:.0%} of the time (a random ViT gives it nothing to find), while the LLM answers "
+                     f"\"{question['kind->color']}\" right {llm['kind->color']:.0%} of the time when other shapes "
+                     f"are present. What the model lacks is the LLM's look-up of a shape by its kind, not the ViT's "
+                     f"features" + (f" (it looks shapes up by colour: {llm['color->kind']:.0%})."
+                                    if "color->kind" in llm else "."))
+    return rows + ["", " ".join(words)]
+
+
 def loss_on(stage) -> str:
     """A stage's losses in words: its chats' tokens, plus the cell-label loss on `cells` scenes per step."""
     if stage.loss_on == "cells":
@@ -150,6 +183,11 @@ def write_card(ckpt: Path = NANO_DIR) -> Path:
         lines += ["## Where it fails (`python -m lab.evaluate --failures`)", "",
                   *failure_lines(f, "held-out questions per category, " + (
                       "the answers of the table above" if same else "a separate run of the evaluation")), ""]
+    probe_file = ckpt / "training" / "probe.json"
+    if probe_file.exists():
+        f = json.loads(failures_file.read_text()) if failures_file.exists() else None
+        lines += ["## Is the answer in the visual tokens? (`python -m lab.probe`)", "",
+                  *probe_lines(json.loads(probe_file.read_text()), f), ""]
     if ablation:
         lines += ["## Ablation: M-RoPE vs plain 1D positions (`python -m lab.train --ablation`)", "",
                   f"Both retrained with the same shorter schedule (scale {ablation['scale']}, "

@@ -483,6 +483,9 @@ def train(out=NANO_DIR, seed=0, scale=1.0, batch_size=8, pos_mode="mrope", evalu
             answered = ask(model, processor, n=evaluate_n, positions=pos_mode, show=show)
             summary["evaluation"], summary["evaluation_n"] = scores(answered), evaluate_n
         write_checkpoint(model, processor, out, log, summary, answered)
+        if evaluate_n:                            # is what the LLM misses in its visual tokens? (the card says)
+            from . import probe
+            probe.save(out, probe.measure(model, processor, n=max(100, 4 * evaluate_n)))
         from .card import write_card
         write_card(out)
     if world > 1:

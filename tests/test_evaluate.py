@@ -74,3 +74,32 @@ def test_the_card_shows_the_saved_failure_analysis(tmp_path):
     assert "does not bind the question to the right one" in section
     assert "a separate run of the evaluation" in section          # 60 questions here, 200 in the copied log
     assert f"the row part is right {saved['position_parts']['row']:.0%}" in section
+
+
+def _probe_result(kind_to_color, color_to_kind):
+    look = lambda acc, chance: {"accuracy": acc, "chance": chance, "held_out": 200}
+    size = {"scenes": 800, "train_scenes": 640, "epochs": 2}
+    return {"model": {**size, "kind->color": look(kind_to_color, 0.5), "color->kind": look(color_to_kind, 0.58)},
+            "random_vit": {**size, "kind->color": look(0.48, 0.5), "color->kind": look(0.43, 0.58)}}
+
+
+def test_the_card_sets_the_probe_beside_the_llm_s_own_answers(tmp_path):
+    """The probe section reads training/probe.json and the failure analysis: the LLM's column is its score on
+    two- and three-shape scenes, and the verdict "the tokens hold the answer" needs a probe that finds it."""
+    ckpt = tmp_path / "nano"
+    (ckpt / "training").mkdir(parents=True)
+    for name in ("config.json", "training/log.json"):
+        shutil.copy(NANO_DIR / name, ckpt / name)
+    saved = json.loads(ev.save_failures(ckpt, {"color": _binding_errors(_examples("color"))}).read_text())
+    many = [saved["by_shapes"]["color"][k] for k in ("2", "3") if k in saved["by_shapes"]["color"]]
+    llm = sum(r for r, _ in many) / sum(n for _, n in many)
+    assert llm < 0.8
+    from lab import probe
+    probe.save(ckpt, _probe_result(0.99, 1.0))
+    section = card.write_card(ckpt).read_text().split("## Is the answer in the visual tokens?")[1].split("\n## ")[0]
+    assert "| kind -> color | \"What color is the {shape}?\" | 99.0% | 48.0% | 50% | " + f"{llm:.0%} |" in section
+    assert "The tokens hold the answer" in section and "look-up of a shape by its kind" in section
+    assert "trained for 2 passes over 640 scenes" in section and "scored on 160 others" in section
+    probe.save(ckpt, _probe_result(0.6, 1.0))                     # a probe that does not find it: no verdict
+    section = card.write_card(ckpt).read_text().split("## Is the answer in the visual tokens?")[1].split("\n## ")[0]
+    assert "| 60.0% |" in section and "The tokens hold the answer" not in section

@@ -278,4 +278,7 @@ def test_a_run_writes_its_failure_analysis_from_its_own_evaluation(tmp_path):
     saved = json.loads((tmp_path / "run" / "training" / "failures.json").read_text())
     assert saved["n"] == 2 and saved["scores"] == summary["evaluation"]
     assert sum(asked for _, asked in saved["by_shapes"]["color"].values()) == 2
-    assert "the answers of the table above" in (tmp_path / "run" / "README.md").read_text()
+    card = (tmp_path / "run" / "README.md").read_text()
+    assert "the answers of the table above" in card
+    probed = json.loads((tmp_path / "run" / "training" / "probe.json").read_text())    # and its own probe
+    assert probed["model"]["scenes"] == 100 and "## Is the answer in the visual tokens?" in card
