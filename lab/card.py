@@ -102,9 +102,12 @@ def probe_lines(p: dict, f: dict | None) -> list[str]:
         words.append(f"The tokens hold the answer: one head finds the named shape and reads its colour "
                      f"{k2c:.0%} of the time (a random ViT gives it nothing to find), while the LLM answers "
                      f"\"{question['kind->color']}\" right {llm['kind->color']:.0%} of the time when other shapes "
-                     f"are present. What the model lacks is the LLM's look-up of a shape by its kind, not the ViT's "
-                     f"features" + (f" (it looks shapes up by colour: {llm['color->kind']:.0%})."
-                                    if "color->kind" in llm else "."))
+                     f"are present. What is missing is the LLM's look-up of a shape by its kind, not the ViT's "
+                     f"features.")
+        if "color->kind" in llm:
+            words.append(f"By colour it does look shapes up ({llm['color->kind']:.0%} right)." if
+                         llm["color->kind"] >= 0.8 else
+                         f"It does not look shapes up by colour either ({llm['color->kind']:.0%} right).")
     return rows + ["", " ".join(words)]
 
 

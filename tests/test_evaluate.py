@@ -90,7 +90,9 @@ def test_the_card_sets_the_probe_beside_the_llm_s_own_answers(tmp_path):
     (ckpt / "training").mkdir(parents=True)
     for name in ("config.json", "training/log.json"):
         shutil.copy(NANO_DIR / name, ckpt / name)
-    saved = json.loads(ev.save_failures(ckpt, {"color": _binding_errors(_examples("color"))}).read_text())
+    shape = _examples("shape")
+    saved = json.loads(ev.save_failures(ckpt, {"color": _binding_errors(_examples("color")),
+                                               "shape": [(ex, ex["answer"]) for ex in shape]}).read_text())
     many = [saved["by_shapes"]["color"][k] for k in ("2", "3") if k in saved["by_shapes"]["color"]]
     llm = sum(r for r, _ in many) / sum(n for _, n in many)
     assert llm < 0.8
@@ -100,6 +102,10 @@ def test_the_card_sets_the_probe_beside_the_llm_s_own_answers(tmp_path):
     assert "| kind -> color | \"What color is the {shape}?\" | 99.0% | 48.0% | 50% | " + f"{llm:.0%} |" in section
     assert "The tokens hold the answer" in section and "look-up of a shape by its kind" in section
     assert "trained for 2 passes over 640 scenes" in section and "scored on 160 others" in section
+    assert "By colour it does look shapes up (100% right)." in section              # every shape answer right
+    ev.save_failures(ckpt, {"color": _binding_errors(_examples("color")), "shape": [(ex, "circle.") for ex in shape]})
+    section = card.write_card(ckpt).read_text().split("## Is the answer in the visual tokens?")[1].split("\n## ")[0]
+    assert "It does not look shapes up by colour either" in section
     probe.save(ckpt, _probe_result(0.6, 1.0))                     # a probe that does not find it: no verdict
     section = card.write_card(ckpt).read_text().split("## Is the answer in the visual tokens?")[1].split("\n## ")[0]
     assert "| 60.0% |" in section and "The tokens hold the answer" not in section
