@@ -108,19 +108,24 @@ def probe(model, processor, n: int = 800, seed: int = 0, epochs: int = 2) -> dic
     return out
 
 
-def with_random_vit(model):
-    """A copy of `model`'s ViT + merger, freshly initialised: the probe's control."""
-    from .train import init_weights
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        control = type(model)(model.config)
-        init_weights(control.visual)
-    return control.to(next(model.parameters()).device).eval()
+class RandomViT(torch.nn.Module):
+    """The probe's control: `model`'s ViT + merger architecture, freshly initialised (seeded), with no LLM
+    beside it (for a 7B model that would be 28 GB for nothing)."""
+
+    def __init__(self, model):
+        super().__init__()
+        from qwen2vl_min.vision import VisionTransformer
+        from .train import init_weights
+        self.config = model.config
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            self.visual = init_weights(VisionTransformer(model.config.vision))
+        self.to(next(model.parameters()).device).eval()
 
 
 def measure(model, processor, n: int = 800) -> dict:
     """{"model": probe of `model`, "random_vit": the same probe on a random ViT} (what training/probe.json holds)."""
-    return {"model": probe(model.eval(), processor, n), "random_vit": probe(with_random_vit(model), processor, n)}
+    return {"model": probe(model, processor, n), "random_vit": probe(RandomViT(model), processor, n)}
 
 
 def save(ckpt, result: dict) -> Path:

@@ -33,7 +33,7 @@ def test_lookups_ask_only_about_shapes_their_attribute_names_alone():
 def test_the_nano_visual_tokens_hold_the_named_shape_s_colour_and_a_random_vit_s_do_not(nano):
     model, processor = nano
     found = probe.probe(model, processor, n=300)
-    control = probe.probe(probe.with_random_vit(model), processor, n=300)
+    control = probe.probe(probe.RandomViT(model), processor, n=300)
     for look in ("kind->color", "color->kind"):
         assert found[look]["held_out"] >= 50
         assert found[look]["accuracy"] >= 0.9, found
