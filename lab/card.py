@@ -179,16 +179,14 @@ def write_card(ckpt: Path = NANO_DIR) -> Path:
                   table(ev), ""]
         missed = [c for c in TARGETS if ev.get(c, 0) < TARGETS[c]]
         lines += [f"Below target: {', '.join(missed)}." if missed else "Every category meets its target.", ""]
-    failures_file = ckpt / "training" / "failures.json"
-    if failures_file.exists():
-        f = json.loads(failures_file.read_text())
+    failures_file, probe_file = ckpt / "training" / "failures.json", ckpt / "training" / "probe.json"
+    f = json.loads(failures_file.read_text()) if failures_file.exists() else None
+    if f:
         same = f.get("scores") == ev and f["n"] == s.get("evaluation_n")     # one run: the table's own answers
         lines += ["## Where it fails (`python -m lab.evaluate --failures`)", "",
                   *failure_lines(f, "held-out questions per category, " + (
                       "the answers of the table above" if same else "a separate run of the evaluation")), ""]
-    probe_file = ckpt / "training" / "probe.json"
     if probe_file.exists():
-        f = json.loads(failures_file.read_text()) if failures_file.exists() else None
         lines += ["## Is the answer in the visual tokens? (`python -m lab.probe`)", "",
                   *probe_lines(json.loads(probe_file.read_text()), f), ""]
     if ablation:

@@ -34,10 +34,10 @@ VALUES = {"kind": synthetic.SHAPES, "color": tuple(synthetic.COLORS)}
 def visual_tokens(model, processor, scenes) -> list[torch.Tensor]:
     """What the LLM receives for each scene: the ViT + merger output, (N, C) each, RMS-normalised as the LLM's
     first layer normalises its input (its learned gain aside)."""
-    out, device = [], next(model.parameters()).device
+    out, weight = [], next(model.parameters())
     for scene in scenes:
-        rows, grid, _ = processor.encode_media(synthetic.media_item(scene))
-        tokens = model.visual(rows.to(device, next(model.parameters()).dtype), grid.to(device))    # (N, C)
+        rows, grid, _ = processor.encode_media(synthetic.media_item(scene))    # (4N, 1176) pixel rows, (1, 3)
+        tokens = model.visual(rows.to(weight.device, weight.dtype), grid.to(weight.device))      # (N, C)
         out.append(F.rms_norm(tokens.float().cpu(), (model.config.text.hidden_size,)))
     return out
 
