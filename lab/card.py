@@ -108,14 +108,20 @@ def probe_lines(p: dict, f: dict | None) -> list[str]:
             words.append(f"By colour it does look shapes up ({llm['color->kind']:.0%} right)." if
                          llm["color->kind"] >= 0.8 else
                          f"It does not look shapes up by colour either ({llm['color->kind']:.0%} right).")
+    elif min(k2c, c2k) >= 0.9 and len(llm) == 2 and min(llm.values()) >= 0.8:
+        words.append(f"The tokens hold the answer and the LLM finds it: with other shapes present it answers "
+                     f"\"{question['kind->color']}\" right {llm['kind->color']:.0%} of the time and "
+                     f"\"{question['color->kind']}\" {llm['color->kind']:.0%}.")
     return rows + ["", " ".join(words)]
 
 
 def loss_on(stage) -> str:
-    """A stage's losses in words: its chats' tokens, plus the cell-label loss on `cells` scenes per step."""
+    """A stage's losses in words: its chats' tokens, plus the cell-label loss on `cells` scenes per step and the
+    grounding heads' loss on the chats' object words."""
     if stage.loss_on == "cells":
         return f"cells ({stage.cells} scenes/step)"
-    return stage.loss_on + (f" + cells ({stage.cells} scenes/step)" if stage.cells else "")
+    return (stage.loss_on + (f" + cells ({stage.cells} scenes/step)" if stage.cells else "")
+            + (" + grounding" if stage.ground else ""))
 
 
 def write_card(ckpt: Path = NANO_DIR) -> Path:
@@ -140,7 +146,8 @@ def write_card(ckpt: Path = NANO_DIR) -> Path:
         f"- ViT: depth {cfg['vision_config']['depth']}, width {cfg['vision_config']['embed_dim']}, "
         f"{cfg['vision_config']['num_heads']} heads; LLM: {cfg['num_hidden_layers']} layers x {cfg['hidden_size']}, "
         f"{cfg['num_attention_heads']} query / {cfg['num_key_value_heads']} key-value heads, head_dim 32, "
-        f"mrope_section {cfg['rope_scaling']['mrope_section']}, vocabulary {cfg['vocab_size']} (byte-level BPE)",
+        f"mrope_section {cfg['rope_scaling']['mrope_section']}, rope_theta {cfg['rope_theta']:g}, "
+        f"vocabulary {cfg['vocab_size']} (byte-level BPE)",
         "- images are capped at 64 visual tokens (`max_pixels` 50,176), video frames at 16 tokens per temporal patch",
         "",
         "## Recipe (`python -m lab.train`)",

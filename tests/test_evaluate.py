@@ -106,6 +106,11 @@ def test_the_card_sets_the_probe_beside_the_llm_s_own_answers(tmp_path):
     ev.save_failures(ckpt, {"color": _binding_errors(_examples("color")), "shape": [(ex, "circle.") for ex in shape]})
     section = card.write_card(ckpt).read_text().split("## Is the answer in the visual tokens?")[1].split("\n## ")[0]
     assert "It does not look shapes up by colour either" in section
+    ev.save_failures(ckpt, {"color": [(ex, ex["answer"]) for ex in _examples("color")],
+                            "shape": [(ex, ex["answer"]) for ex in shape]})      # a model that binds
+    section = card.write_card(ckpt).read_text().split("## Is the answer in the visual tokens?")[1].split("\n## ")[0]
+    assert "the LLM finds it: with other shapes present it answers \"What color is the {shape}?\" right 100%" in section
+    assert "What is missing" not in section
     probe.save(ckpt, _probe_result(0.6, 1.0))                     # a probe that does not find it: no verdict
     section = card.write_card(ckpt).read_text().split("## Is the answer in the visual tokens?")[1].split("\n## ")[0]
     assert "| 60.0% |" in section and "The tokens hold the answer" not in section

@@ -88,6 +88,65 @@ def test_stage_freezing_trains_only_its_parts(tok):
     assert any(k.startswith("visual.blocks.") for k in changed) and any(k.startswith("visual.merger.") for k in changed)
 
 
+def _scene(*shapes):
+    """A scene holding these (kind, colour, region) shapes; ground_labels reads only the shapes, not the picture."""
+    from PIL import Image
+    return synthetic.Scene(Image.new("RGB", (112, 112), "white"),
+                           tuple(synthetic.Shape(k, c, r, (0, 0, 30, 30)) for k, c, r in shapes), None)
+
+
+def test_nano_tokenizer_keeps_every_grounded_word_whole():
+    words = train.ground_words(q.load(train.NANO_DIR, device="cpu")[1].tokenizer)
+    assert len(words) == 2 * len(synthetic.SHAPES) + len(synthetic.COLORS) + 2      # kinds, plurals, colours, 2
+
+
+def test_ground_labels_name_the_one_object_a_word_names(tok):
+    processor = train.nano_processor(tok)
+    scene = _scene(("circle", "red", "top left"), ("square", "blue", "center"), ("square", "green", "right"))
+    questions = ["What color is the circle?", "What shape is the blue object?", "Where is the green square?",
+                 "How many squares are there?", "How many shapes are there?", "What color is the square?",
+                 "How many triangles are there?"]
+    examples = [{"messages": [{"role": "user", "content": [synthetic.media_item(scene), {"type": "text", "text": t}]}],
+                 "world": (scene,)} for t in questions]
+    examples.append({"messages": [{"role": "user", "content": "What color is the circle?"}], "world": ()})
+    batch = processor.batch([ex["messages"] for ex in examples], add_generation_prompt=True)
+    tables = dict(zip(train.GROUND_NAMES, train.ground_labels(examples, batch.input_ids, tok)))
+
+    def named(what, b):         # word -> target, over the tokens of row b that have one
+        table = tables[what][b]
+        return {tok.decode([int(batch.input_ids[b, i])]).strip(): int(table[i])
+                for i in (table != train.IGNORE).nonzero().flatten()}
+
+    colours, kinds = list(synthetic.COLORS), synthetic.SHAPES
+    assert named("colour", 0) == {"circle": colours.index("red")} and named("kind", 0) == {}
+    assert named("kind", 1) == {"blue": kinds.index("square")} and named("colour", 1) == {}
+    assert named("kind", 2) == {"green": kinds.index("square")}
+    assert named("colour", 2) == {}                  # "green square": the colour is the word before, no look-up
+    assert named("count", 3) == {"squares": 2} and named("count", 4) == {"shapes": 3}
+    assert named("count", 6) == {"triangles": 0}
+    assert named("colour", 5) == {}                                   # two squares: "the square" names none
+    assert all(named(what, 7) == {} for what in train.GROUND_NAMES)  # no picture, nothing to ground
+
+
+def test_grounding_heads_read_the_llm_after_ground_layer_layers(tok):
+    """The grounding loss reaches the LLM's first GROUND_LAYER layers (it teaches the look-up there) and the
+    heads, and nothing above them: the hook reads the right layer's output."""
+    torch.manual_seed(0)
+    processor = train.nano_processor(tok)
+    model = train.init_weights(q.Qwen2VL(train.nano_config(tok)))
+    examples = [synthetic.make_example(random.Random(i), "color") for i in range(4)]
+    batch, _ = train.make_batch(processor, examples, "assistant")
+    ground = train.GroundHeads(model.config.text.hidden_size)
+    _, _, grounded = train.Trainee(model, None, ground)(train.chat_inputs(batch, model.config), None)
+    targets = train.ground_labels(examples, batch.input_ids, tok)
+    assert all(g.shape[:2] == batch.input_ids.shape for g in grounded)
+    train.ground_loss(grounded, targets).backward()
+    reached = {i for i, layer in enumerate(model.model.layers) if any(p.grad is not None for p in layer.parameters())}
+    assert reached == set(range(train.GROUND_LAYER))
+    assert ground.heads[0].weight.grad is not None                      # colour questions: the colour head
+    assert not model.model.layers[train.GROUND_LAYER - 1]._forward_hooks           # the hook is gone afterwards
+
+
 def test_torchrun_two_processes(tmp_path):
     """The unchanged script under torchrun: 2 CPU processes, DistributedDataParallel over gloo, a few steps."""
     out = tmp_path / "ddp"
@@ -230,9 +289,11 @@ def test_cell_accuracy_counts_only_the_cells_that_hold_something(tok):
 
 def test_an_interrupted_run_resumes_after_its_last_finished_stage(tmp_path, monkeypatch):
     """A run stopped in stage 3 leaves the state after stage 2 beside its output; `resume` trains only stage 3
-    and ends with exactly the weights of a run that went straight through. Nothing is left behind."""
+    and ends with exactly the weights of a run that went straight through. Nothing is left behind. (Stages 2 and
+    3 train grounding heads here, so that their state too has to come back.)"""
     kw = dict(scale=1.0, batch_size=2, evaluate_n=0, show=False,
-              stages=[dataclasses.replace(s, steps=2, cells=min(s.cells, 2)) for s in train.STAGES])
+              stages=[dataclasses.replace(s, steps=2, cells=min(s.cells, 2), ground=s.name[0] in "23")
+                      for s in train.STAGES])
     train.train(tmp_path / "whole", **kw)
     real, ran = train.train_stage, []
 
