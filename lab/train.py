@@ -283,10 +283,11 @@ def ground_labels(examples, input_ids, tokenizer) -> tuple[torch.Tensor, ...]:
     Measured on the shipped nano (ViT frozen, 800 steps of colour questions only at lr 2e-3, batch 8; 200 held-out
     questions): 71.5 % right without these targets, 100 % with them (two and three shapes: 59/116 -> 116/116).
     Adding a region target at the same words, which the LLM cannot work out from these visual tokens, undid it
-    (74.5 %): a target the model cannot learn drowns the one it can. Whether they teach the look-up inside the
-    recipe's mixed data is open: the one full run with them (and that region target) did not bind, and a
-    colour-only phase before the mix makes the model forget its other questions. So the shipped recipe does not
-    use them yet (no stage in STAGES has `ground`)."""
+    (74.5 %): a target the model cannot learn drowns the one it can. Inside the recipe they have not worked yet:
+    two full runs with them in stages 2 and 3 (with and without that region target) still named another shape's
+    colour on two- and three-shape pictures (colour 74-75 %), and their ViT came out with weaker kind features
+    (73 % of cells named right, the shipped ViT 91 %). A colour-only phase before the mix makes the model forget
+    its other questions. So the shipped recipe does not use them (no stage in STAGES has `ground`)."""
     words, col = ground_words(tokenizer), list(synthetic.COLORS)
     out = tuple(torch.full_like(input_ids, IGNORE) for _ in GROUND_NAMES)
     colour, kind, count = out
