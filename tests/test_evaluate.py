@@ -83,6 +83,11 @@ def _probe_result(kind_to_color, color_to_kind):
             "random_vit": {**size, "kind->color": look(0.48, 0.5), "color->kind": look(0.43, 0.58)}}
 
 
+def _probe_section(ckpt):
+    """The card's probe section, rewritten from what ckpt/training holds now."""
+    return card.write_card(ckpt).read_text().split("## Is the answer in the visual tokens?")[1].split("\n## ")[0]
+
+
 def test_the_card_sets_the_probe_beside_the_llm_s_own_answers(tmp_path):
     """The probe section reads training/probe.json and the failure analysis: the LLM's column is its score on
     two- and three-shape scenes, and the verdict "the tokens hold the answer" needs a probe that finds it."""
@@ -98,19 +103,19 @@ def test_the_card_sets_the_probe_beside_the_llm_s_own_answers(tmp_path):
     assert llm < 0.8
     from lab import probe
     probe.save(ckpt, _probe_result(0.99, 1.0))
-    section = card.write_card(ckpt).read_text().split("## Is the answer in the visual tokens?")[1].split("\n## ")[0]
+    section = _probe_section(ckpt)
     assert "| kind -> color | \"What color is the {shape}?\" | 99.0% | 48.0% | 50% | " + f"{llm:.0%} |" in section
     assert "The tokens hold the answer" in section and "look-up of a shape by its kind" in section
     assert "trained for 2 passes over 640 scenes" in section and "scored on 160 others" in section
     assert "By colour it does look shapes up (100% right)." in section              # every shape answer right
     ev.save_failures(ckpt, {"color": _binding_errors(_examples("color")), "shape": [(ex, "circle.") for ex in shape]})
-    section = card.write_card(ckpt).read_text().split("## Is the answer in the visual tokens?")[1].split("\n## ")[0]
+    section = _probe_section(ckpt)
     assert "It does not look shapes up by colour either" in section
     ev.save_failures(ckpt, {"color": [(ex, ex["answer"]) for ex in _examples("color")],
                             "shape": [(ex, ex["answer"]) for ex in shape]})      # a model that binds
-    section = card.write_card(ckpt).read_text().split("## Is the answer in the visual tokens?")[1].split("\n## ")[0]
+    section = _probe_section(ckpt)
     assert "the LLM finds it: with other shapes present it answers \"What color is the {shape}?\" right 100%" in section
     assert "What is missing" not in section
     probe.save(ckpt, _probe_result(0.6, 1.0))                     # a probe that does not find it: no verdict
-    section = card.write_card(ckpt).read_text().split("## Is the answer in the visual tokens?")[1].split("\n## ")[0]
+    section = _probe_section(ckpt)
     assert "| 60.0% |" in section and "The tokens hold the answer" not in section
