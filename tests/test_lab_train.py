@@ -343,3 +343,28 @@ def test_a_run_writes_its_failure_analysis_from_its_own_evaluation(tmp_path):
     assert "the answers of the table above" in card
     probed = json.loads((tmp_path / "run" / "training" / "probe.json").read_text())    # and its own probe
     assert probed["model"]["scenes"] == 100 and "## Is the answer in the visual tokens?" in card
+
+
+
+def test_the_recipe_still_starts_as_the_shipped_run_did():
+    """The shipped checkpoint is what `python -m lab.train` makes (seed 0), so a change to the recipe, the world's
+    drawings or their labels must come with a retrained checkpoint. The training log shipped with the checkpoint
+    holds the loss of every step; the first steps of the text warm-up and of the ViT warm-up after it must give
+    the same losses here. (The full recipe, ~25 min on 2 cores, reproduces every one of them bit for bit on the
+    machine that trained it; other CPUs may round differently in the last digits, hence the tolerance.)"""
+    shipped = json.loads((train.NANO_DIR / "training" / "log.json").read_text())["losses"]
+    model, processor, rng, heads = train.start(seed=0)
+    text, vit = train.STAGES[:2]
+    before = rng.getstate()
+    got = {text.name: train.train_stage(model, processor, text, rng, 8, "cpu", "mrope", 0, 1, show=False, stop=30)}
+    # The ViT warm-up trains the ViT alone on fresh drawings: what it sees depends on the text warm-up only through
+    # the examples that stage drew, one batch per step, so drawing them stands in for training on them.
+    rng.setstate(before)
+    drawn = train.batches(rng, text.weights, 8)
+    for _ in range(text.steps):
+        next(drawn)
+    got[vit.name] = train.train_stage(model, processor, vit, rng, 8, "cpu", "mrope", 0, 1, show=False,
+                                      heads=heads, stop=30)
+    for name, losses in got.items():
+        want = shipped[name][:len(losses)]
+        assert len(losses) == 30 and losses == pytest.approx(want, rel=1e-3), name
