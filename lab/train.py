@@ -577,11 +577,10 @@ def train(out=NANO_DIR, seed=0, scale=1.0, batch_size=8, pos_mode="mrope", evalu
     rank = dist.get_rank() if world > 1 else 0
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
     model, processor, rng, heads = start(seed, rope_theta, mrope_section, rank, device)
-    config = model.config
     stages = [dataclasses.replace(s, steps=max(1, round(s.steps * scale))) for s in stages or STAGES]
     # the same for the grounding heads, made only when a stage uses them (their initialisation draws from
     # torch's random state, which a recipe without them must not see)
-    ground = GroundHeads(config.text.hidden_size).to(device) if any(s.ground for s in stages) else None
+    ground = GroundHeads(model.config.text.hidden_size).to(device) if any(s.ground for s in stages) else None
     recipe = json.dumps({"seed": seed, "batch_size": batch_size, "world_size": world, "positions": pos_mode,
                          "rope_theta": rope_theta, "mrope_section": list(mrope_section),
                          "stages": [dataclasses.asdict(s) for s in stages]}, sort_keys=True)
