@@ -117,11 +117,11 @@ def probe_lines(p: dict, f: dict | None) -> list[str]:
 
 def loss_on(stage) -> str:
     """A stage's losses in words: its chats' tokens, plus the cell-label loss on `cells` scenes per step and the
-    grounding heads' loss on the chats' object words."""
+    grounding heads' and the pointing head's losses on the chats' object words."""
     if stage.loss_on == "cells":
         return f"cells ({stage.cells} scenes/step)"
     return (stage.loss_on + (f" + cells ({stage.cells} scenes/step)" if stage.cells else "")
-            + (" + grounding" if stage.ground else ""))
+            + (" + grounding" if stage.ground else "") + (" + pointing" if stage.point else ""))
 
 
 def write_card(ckpt: Path = NANO_DIR) -> Path:
@@ -172,6 +172,14 @@ def write_card(ckpt: Path = NANO_DIR) -> Path:
         "frozen and the loss on the assistant's tokens only. Loss curves: `training/loss_curves.png`.",
         "",
     ]
+    if any(st.ground or st.point for st in STAGES):
+        lines += ["\"+ grounding\" and \"+ pointing\" teach the LLM to look a named object up (the binding problem):",
+                  "grounding heads on the LLM's hidden states ask, at each word that names one object of the picture",
+                  "(\"circle\", \"red\"), for what the word does not say of it (`lab.train.ground_labels`), and one attention",
+                  "head is taught to point, in layer 0 from such a word to the object's visual tokens and in layer 1",
+                  "from the answer to the question's word (`lab.train.point_targets`). The grounding heads are thrown",
+                  "away with the cell heads and the pointing head is one of the LLM's own, so the checkpoint is a plain",
+                  "Qwen2-VL.", ""]
     if s.get("cell_accuracy"):
         acc = ", ".join(f"{name} {a:.0%}" for name, a in s["cell_accuracy"].items())
         lines += ["After training, the ViT and the cell heads name what lies under the merged tokens of fresh scenes",

@@ -4,12 +4,14 @@ Stage 0 stands in for the paper's starting points, in two parts: the language mo
 ("initialised from Qwen2"), and the ViT + merger learn to name the kind and colour of the shape, the written
 digit and its place in the number, and the motion under each merged token from dense labels ("initialised from
 DFN's ViT"). Those linear heads stay on as an auxiliary loss in stages 1 and 2 and are thrown away at the end.
-A Stage with `ground=True` also trains linear heads on the LLM's hidden states at the words that name an object
-("circle", "red"), which teach it to look the named object up at the word itself: an experiment on the binding
-problem that the shipped recipe does not use (ground_labels says why and what it measured).
 Then come the paper's three stages (Qwen2-VL section 2.3): 1) the LLM is frozen and the ViT and merger learn
 from image-caption pairs; 2) everything trains on the mixed data; 3) the ViT is frozen and the LLM is
 instruction-tuned on ChatML conversations, with the loss on the assistant's tokens only.
+Stage 3 also teaches the LLM to look up the object a question names (the binding problem), with two more
+auxiliary losses (`ground=True`, `point=True`): linear heads on the LLM's hidden states at the words that name an
+object ("circle", "red") ask for what the word does not say of it, and one attention head is taught to point, from
+such a word to the object's visual tokens and from the answer to the word (ground_labels and point_targets say
+why, and what they measured).
 Run it with `python -m lab.train` (seeded; under 30 min on 2 CPU cores);
 `torchrun --nproc_per_node=N -m lab.train` runs the same script under DistributedDataParallel; `--resume` goes on
 after the last stage an interrupted run finished.
@@ -33,7 +35,7 @@ from tqdm import tqdm
 
 import qwen2vl_min as q
 from qwen2vl_min.config import Qwen2VLConfig, TextConfig, VisionConfig
-from qwen2vl_min.rope import mrope_position_ids
+from qwen2vl_min.rope import apply_rope, mrope_position_ids
 
 from . import synthetic
 
@@ -253,7 +255,7 @@ class CellHeads(torch.nn.Module):
         return tuple(head(f) for head in self.heads)
 
 
-GROUND_LAYER = 2     # the grounding heads read the residual stream after this many of the LLM's 4 layers
+GROUND_LAYER = 1     # the grounding heads read the residual stream after this many of the LLM's 4 layers
 GROUND_NAMES = ("colour", "kind", "count")            # what a word that names an object is asked about
 GROUND_CLASSES = (len(synthetic.COLORS), len(synthetic.SHAPES), 4)                 # counts 0-3
 
@@ -280,16 +282,14 @@ def ground_labels(examples, input_ids, tokenizer) -> tuple[torch.Tensor, ...]:
     These targets teach the second hop where it is one hop: at the word "circle" itself. The answer then only
     has to copy it from there.
 
-    Measured on the shipped nano (ViT frozen, 800 steps of colour questions only at lr 2e-3, batch 8; 200 held-out
-    questions): 71.5 % right without these targets, 100 % with them (two and three shapes: 59/116 -> 116/116).
-    Adding a region target at the same words, which the LLM cannot work out from these visual tokens, undid it
-    (74.5 %): a target the model cannot learn drowns the one it can. Inside the recipe they have not worked yet:
-    two full runs with them in stages 2 and 3 (with and without that region target) still named another shape's
-    colour on two- and three-shape pictures (colour 74-75 %), and their ViT came out with weaker kind features
-    (73 % of cells named right, the shipped ViT 91 %). Re-running only stage 3 of the shipped model with them (ViT
-    frozen, colour questions weighted 2.0 in MIXED, 1200 steps at lr 1e-3) did not bind either: 72.5 %. A
-    colour-only phase before the mix makes the model forget its other questions. So the shipped recipe does not
-    use them (no stage in STAGES has `ground`)."""
+    Measured on the nano of sessions 4-11 (GROUND_LAYER 2 then; ViT frozen, 800 steps of colour questions only at
+    lr 2e-3, batch 8; 200 held-out questions): 71.5 % right without these targets, 100 % with them (two and three
+    shapes: 59/116 -> 116/116). Adding a region target at the same words, which the LLM cannot work out from these
+    visual tokens, undid it (74.5 %): a target the model cannot learn drowns the one it can. In the mixed data they
+    did not bind on their own: two full runs with them in stages 2 and 3 still named another shape's colour on two-
+    and three-shape pictures (colour 74-75 %), and re-running only stage 3 with them gave 72.5 %. They bind in the
+    mix together with the pointing loss (point_targets), which shows the word where to look, and with the heads
+    reading after the first layer, where the look-up happens: the recipe's stage 3 uses both."""
     words, col = ground_words(tokenizer), list(synthetic.COLORS)
     out = tuple(torch.full_like(input_ids, IGNORE) for _ in GROUND_NAMES)
     colour, kind, count = out
@@ -332,29 +332,114 @@ class GroundHeads(torch.nn.Module):
         return tuple(head(h) for head in self.heads)
 
 
+POINT_HEAD = 0       # the head that is taught to point, in the LLM's layers 0 (word -> object) and 1 (answer -> word)
+
+
+def point_targets(examples, input_ids, image_grid_thw, processor) -> list[tuple[int, int, int, torch.Tensor]]:
+    """Where the pointing head should look: (layer, row, query position, key positions) per target.
+
+    In a chat about one scene, at every word that names objects of it ("circle", "red", "squares"; "circle" in
+    "the red circle" only the red one), head POINT_HEAD of layer 0 should put its weight on those objects' visual
+    tokens; and at the position that predicts an answer, the same head of layer 1 should look at the last such
+    word of the question. Two hops, each taught where it is one hop. (The words of the last answer, after the last
+    question, are not marked, as in the runs that measured this.)
+
+    Why layer 0 for the first: at the merger's output a visual token's kind is a fifth of its variance, but
+    after the LLM's first layer the colour features it adds leave the kind 3 % (measured on the previous nano), so
+    the look-up by kind has to happen in layer 0, and it can only happen at the word, where the kind is known.
+    With the grounding heads reading the word after layer 0 (GROUND_LAYER), the word then holds the object's
+    colour or kind for the answer to fetch."""
+    words, kinds, colours = ground_words(processor.tokenizer), list(synthetic.SHAPES), list(synthetic.COLORS)
+    user, answer = (processor.tokenizer.encode(f"<|im_start|>{r}\n", add_special_tokens=False).ids
+                    for r in ("user", "assistant"))
+    merged = processor.merge_size ** 2
+    out, image = [], 0                       # image: index of the example's first image in image_grid_thw
+    for b, ex in enumerate(examples):
+        media = [c for m in ex["messages"] if not isinstance(m["content"], str) for c in m["content"]]
+        n_images = sum("image" in c for c in media)
+        grid, image = (image_grid_thw[image].tolist() if n_images else None), image + n_images
+        if len(ex["world"]) != 1 or not isinstance(ex["world"][0], synthetic.Scene):
+            continue                          # text only, two images or a clip: nothing to point at
+        row = input_ids[b].tolist()
+        start = row.index(processor.image_token_id)
+        kind, colour, *_ = cell_labels(ex["world"][0], processor, grid)           # (n,) class per merged token
+        heads = [i for i in range(len(row)) if row[i - len(answer) + 1:i + 1] == answer]
+        # who is speaking (the image opens the first user turn), and the latest word of this question naming objects
+        speaker, last = "user", None
+        for i in range(start + math.prod(grid) // merged, heads[-1] + 1 if heads else 0):   # to the last answer
+            if row[i - len(user) + 1:i + 1] == user:
+                speaker, last = "user", None
+            elif row[i - len(answer) + 1:i + 1] == answer:
+                if last is not None:
+                    out.append((1, b, i, torch.tensor([last])))
+                speaker, last = "assistant", None
+            what, name = words.get(row[i], (None, None))
+            if what in ("kind", "kinds"):
+                cells = kind == 1 + kinds.index(name)
+                before = words.get(row[i - 1], (None, None))
+                if before[0] == "color":                       # "the red circle": the red one
+                    cells &= colour == 1 + colours.index(before[1])
+            elif what == "color":
+                cells = colour == 1 + colours.index(name)
+            else:
+                continue
+            if cells.any():
+                out.append((0, b, i, start + cells.nonzero()[:, 0]))
+                last = i if speaker == "user" else last
+    return out
+
+
+def point_loss(attention: dict, marks) -> torch.Tensor:
+    """Mean over the marks of -log(the weight POINT_HEAD gives their key positions): softmax(q k^T / sqrt(D)) of the
+    rotated query and keys, exactly what the layer's SDPA call computed. `attention`: layer -> (q (B, L, H*D),
+    k (B, L, K*D), cos (B, L, D), sin, mask (B, 1, L, L) bool or None = causal), caught by Trainee's hooks."""
+    losses = []
+    for layer, b, i, keys in marks:
+        q, k, cos, sin, mask = attention[layer]
+        D = cos.shape[-1]
+        H, K = q.shape[-1] // D, k.shape[-1] // D
+        qi = q[b, i].view(H, D)[POINT_HEAD]                                  # (D,)
+        kj = k[b, :i + 1].view(i + 1, K, D)[:, POINT_HEAD // (H // K)]      # GQA: its kv head, (i+1, D)
+        qi, kj = apply_rope(qi, cos[b, i], sin[b, i]), apply_rope(kj, cos[b, :i + 1], sin[b, :i + 1])
+        scores = kj @ qi / math.sqrt(D)                                      # (i+1,)
+        if mask is not None:                                                 # left padding
+            scores = scores.masked_fill(~mask[b, 0, i, :i + 1], float("-inf"))
+        losses.append(torch.logsumexp(scores, 0) - torch.logsumexp(scores[keys.to(scores.device)], 0))
+    return torch.stack(losses).mean()
+
+
 class Trainee(torch.nn.Module):
-    """What one optimiser step runs: the model on a batch of chats (and the grounding heads on its hidden states)
-    and/or the ViT + cell heads on a batch of scenes. One module, so that DistributedDataParallel sees every
-    parameter a step's losses reach."""
+    """What one optimiser step runs: the model on a batch of chats (and the grounding heads on its hidden states,
+    the pointing loss on its attention) and/or the ViT + cell heads on a batch of scenes. One module, so that
+    DistributedDataParallel sees every parameter a step's losses reach."""
 
     def __init__(self, model, heads, ground=None):
         super().__init__()
         self.model, self.heads, self.ground = model, heads, ground
 
-    def forward(self, chat: dict | None, scenes: tuple | None):
-        seen, hook = {}, None
+    def forward(self, chat: dict | None, scenes: tuple | None, marks=None):
+        """-> (logits (B, L, V), cell logits, grounding logits, pointing loss); None for what was not asked.
+        `marks`: point_targets of the chat (None: no pointing loss)."""
+        seen, attention, hooks = {}, {}, []
         if chat is not None and self.ground is not None:   # the hidden states after GROUND_LAYER layers, by a hook
             layer = self.model.model.layers[GROUND_LAYER - 1]
-            hook = layer.register_forward_hook(lambda module, args, out: seen.update(h=out))
+            hooks.append(layer.register_forward_hook(lambda module, args, out: seen.update(h=out)))
+        for i in sorted({m[0] for m in marks or ()}):       # the pointing layers' q, k and rotation, by hooks
+            attn, got = self.model.model.layers[i].self_attn, {}
+            hooks += [attn.q_proj.register_forward_hook(lambda module, args, out, got=got: got.update(q=out)),
+                      attn.k_proj.register_forward_hook(lambda module, args, out, got=got: got.update(k=out)),
+                      attn.register_forward_hook(lambda module, args, out, i=i, got=got: attention.update(
+                          {i: (got["q"], got["k"], args[1], args[2], args[3])}))]     # args: x, cos, sin, mask
         try:
             logits = self.model(**chat) if chat is not None else None                # (B, L, V)
         finally:
-            if hook is not None:
+            for hook in hooks:
                 hook.remove()
-        ground = self.ground(seen["h"]) if hook is not None else None   # one (B, L, classes) table per head
+        ground = self.ground(seen["h"]) if "h" in seen else None    # one (B, L, classes) table per head
+        pointed = point_loss(attention, marks) if marks else None
         # scenes: (pixel rows (N, 1176), grids (n, 3)) -> one (N/4, classes) logit table per cell head
         cells = self.heads(self.model.visual(*scenes)) if scenes is not None else None
-        return logits, cells, ground
+        return logits, cells, ground, pointed
 
 
 def scene_batch(processor, rng, n, device):
@@ -375,7 +460,7 @@ def cell_accuracy(model, heads, processor, rng, device, n=64) -> dict:
     """How well the ViT + heads name what lies under the merged tokens of n fresh scenes and clips: accuracy per
     head over the cells that hold something (background cells are easy and would hide the rest)."""
     scenes, targets = scene_batch(processor, rng, n, device)
-    _, cells, _ = Trainee(model, heads)(None, scenes)                    # one (N/4, classes) table per head
+    _, cells, _, _ = Trainee(model, heads)(None, scenes)                    # one (N/4, classes) table per head
     out = {}
     for name, logits, labels in zip(CELL_NAMES, cells, targets):
         held = labels > 0
@@ -407,6 +492,7 @@ class Stage:
     weights: dict = field(default_factory=dict)   # category -> sampling weight
     cells: int = 0        # scenes or clips per step (all processes together) for the cell-label loss, 0 = none
     ground: bool = False  # the grounding heads' loss on the chats' words that name objects (ground_labels)
+    point: bool = False   # the pointing loss on the attention of POINT_HEAD (point_targets)
 
 
 TEXT_ONLY = {"text_only": 1.0, "text_document": 3.0}
@@ -419,7 +505,7 @@ STAGES = (
     Stage("0 ViT warm-up, cell labels", 1200, 1e-3, ("visual",), "cells", cells=8),
     Stage("1 ViT + merger, LLM frozen", 500, 2e-3, ("visual",), "assistant", {"caption": 1.0}, cells=4),
     Stage("2 everything, mixed data", 2600, 1e-3, ("visual", "model"), "text", MIXED, cells=4),
-    Stage("3 instruction tuning, ViT frozen", 800, 3e-4, ("model",), "assistant", MIXED),
+    Stage("3 instruction tuning, ViT frozen", 2000, 1e-3, ("model",), "assistant", MIXED, ground=True, point=True),
 )
 
 
@@ -450,26 +536,31 @@ def train_stage(model, processor, stage, rng, batch_size, device, pos_mode, rank
     trained = Trainee(model, heads if stage.cells else None, ground if stage.ground else None)
     net = DistributedDataParallel(trained, find_unused_parameters=True) if world > 1 else trained
     opt = torch.optim.AdamW(params, lr=stage.lr, betas=(0.9, 0.95), weight_decay=0.01)
-    losses, ground_losses = [], []                  # the total loss of every step; its grounding part
+    losses, ground_losses, point_losses = [], [], []   # the total loss of every step; its grounding, pointing parts
     steps = stage.steps if stop is None else min(stop, stage.steps)
     bar = tqdm(range(steps), desc=f"stage {stage.name}", disable=not show or rank != 0, dynamic_ncols=True)
     data = batches(rng, stage.weights, batch_size) if stage.loss_on != "cells" else None
     for step in bar:
-        chat = scenes = None
+        chat = scenes = marks = None
         if data is not None:
             examples = next(data)
             batch, labels = make_batch(processor, examples, stage.loss_on)
             chat, labels = chat_inputs(batch.to(device), model.config, pos_mode), labels.to(device)
             if stage.ground:
-                marks = tuple(t.to(device) for t in ground_labels(examples, batch.input_ids, processor.tokenizer))
+                ground_marks = tuple(t.to(device) for t in ground_labels(examples, batch.input_ids, processor.tokenizer))
+            if stage.point:
+                marks = point_targets(examples, batch.input_ids, batch.image_grid_thw, processor)
         if stage.cells:
             scenes, targets = scene_batch(processor, rng, max(1, stage.cells // world), device)
-        logits, cells, grounded = net(chat, scenes)
+        logits, cells, grounded, pointed = net(chat, scenes, marks)
         loss = (token_loss(logits, labels) if chat else 0) + (cell_loss(cells, targets) if scenes else 0)
         if grounded is not None:
-            grounding = ground_loss(grounded, marks)
+            grounding = ground_loss(grounded, ground_marks)
             loss = loss + grounding
             ground_losses.append(grounding.item())
+        if pointed is not None:
+            loss = loss + pointed
+            point_losses.append(pointed.item())
         for g in opt.param_groups:
             g["lr"] = lr_at(step, stage)
         opt.zero_grad(set_to_none=True)
@@ -478,8 +569,8 @@ def train_stage(model, processor, stage, rng, batch_size, device, pos_mode, rank
         opt.step()
         losses.append(loss.item())
         bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}",
-                        **({"grounding": f"{sum(ground_losses[-20:]) / len(ground_losses[-20:]):.3f}"}
-                           if ground_losses else {}))
+                        **{name: f"{sum(part[-20:]) / len(part[-20:]):.3f}"
+                           for name, part in (("grounding", ground_losses), ("pointing", point_losses)) if part})
     for p in model.parameters():
         p.requires_grad = True
     return losses

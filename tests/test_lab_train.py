@@ -137,7 +137,7 @@ def test_grounding_heads_read_the_llm_after_ground_layer_layers(tok):
     examples = [synthetic.make_example(random.Random(i), "color") for i in range(4)]
     batch, _ = train.make_batch(processor, examples, "assistant")
     ground = train.GroundHeads(model.config.text.hidden_size)
-    _, _, grounded = train.Trainee(model, None, ground)(train.chat_inputs(batch, model.config), None)
+    _, _, grounded, _ = train.Trainee(model, None, ground)(train.chat_inputs(batch, model.config), None)
     targets = train.ground_labels(examples, batch.input_ids, tok)
     assert all(g.shape[:2] == batch.input_ids.shape for g in grounded)
     train.ground_loss(grounded, targets).backward()
@@ -145,6 +145,83 @@ def test_grounding_heads_read_the_llm_after_ground_layer_layers(tok):
     assert reached == set(range(train.GROUND_LAYER))
     assert ground.heads[0].weight.grad is not None                      # colour questions: the colour head
     assert not model.model.layers[train.GROUND_LAYER - 1]._forward_hooks           # the hook is gone afterwards
+
+
+def _three_kinds_scene(seed=0):
+    """A drawn scene with a circle, a square and a triangle (so each kind names one object)."""
+    rng = random.Random(seed)
+    while True:
+        scene = synthetic.draw_scene(rng, n_shapes=3)
+        if sorted(s.kind for s in scene.shapes) == sorted(synthetic.SHAPES):
+            return scene
+
+
+def test_point_targets_mark_the_named_object_and_the_question_word():
+    """Layer 0: at "circle" the circle's visual tokens (from the cell labels), at "red circle" only a red one;
+    layer 1: at the position that predicts each answer, the question's last object word; nothing in the last
+    answer, in a chat about a clip or without a picture."""
+    model, processor = q.load(train.NANO_DIR, device="cpu")
+    scene = _three_kinds_scene()
+    circle = next(s for s in scene.shapes if s.kind == "circle")
+    turns = [("What color is the circle?", f"{circle.color}."), (f"Where is the {circle.color} circle?", "top."),
+             ("How many shapes are there?", "3."), ("Describe the image.", synthetic.describe(scene))]
+    messages = []
+    for i, (question, answer) in enumerate(turns):
+        media = [synthetic.media_item(scene)] if i == 0 else []
+        messages += [{"role": "user", "content": media + [{"type": "text", "text": question}]},
+                     {"role": "assistant", "content": answer}]
+    clip = synthetic.draw_clip(random.Random(1))
+    examples = [{"messages": messages, "world": (scene,)},
+                {"messages": [{"role": "user", "content": [synthetic.media_item(clip), {"type": "text",
+                              "text": "What color is the moving shape?"}]}, {"role": "assistant", "content": "red."}],
+                 "world": (clip,)},
+                {"messages": [{"role": "user", "content": "What color is the circle?"},
+                              {"role": "assistant", "content": "red."}], "world": ()}]
+    batch, labels = train.make_batch(processor, examples, "assistant")
+    marks = train.point_targets(examples, batch.input_ids, batch.image_grid_thw, processor)
+    assert {m[1] for m in marks} == {0}
+    ids, word = batch.input_ids[0], lambda i: processor.tokenizer.decode([int(batch.input_ids[0, i])]).strip()
+    start = ids.tolist().index(processor.image_token_id)
+    kind, colour, *_ = train.cell_labels(scene, processor, batch.image_grid_thw[0].tolist())
+    circle_cells = set((start + (kind == 1 + synthetic.SHAPES.index("circle")).nonzero()[:, 0]).tolist())
+    layer0 = [(word(i), set(keys.tolist())) for layer, _, i, keys in marks if layer == 0]
+    assert layer0 == [("circle", circle_cells), (circle.color, set((start + (colour == 1 + list(
+        synthetic.COLORS).index(circle.color)).nonzero()[:, 0]).tolist())), ("circle", circle_cells)]
+    answers = [i for i in range(1, ids.shape[0]) if labels[0, i] != train.IGNORE and labels[0, i - 1] == train.IGNORE]
+    layer1 = [(i, [word(k) for k in keys.tolist()]) for layer, _, i, keys in marks if layer == 1]
+    assert layer1 == [(answers[0] - 1, ["circle"]), (answers[1] - 1, ["circle"])]   # "How many shapes": no word
+    assert all(i < answers[-1] for _, _, i, _ in marks)                # the caption's words are not marked
+
+
+def test_point_loss_is_the_attention_the_model_computed():
+    """exp(-pointing loss) of one mark equals the weight that head gave those keys in the model's own forward pass,
+    as lab.trace records it from a generation (its query and KV-cache keys)."""
+    from lab.trace import record_attention
+    model, processor = q.load(train.NANO_DIR, device="cpu")
+    scene = _three_kinds_scene(1)
+    examples = [{"messages": [{"role": "user", "content": [synthetic.media_item(scene),
+                                                           {"type": "text", "text": "What color is the square?"}]}],
+                 "world": (scene,)}]
+    batch = processor.batch([ex["messages"] for ex in examples], add_generation_prompt=True)
+    marks = train.point_targets(examples, batch.input_ids, batch.image_grid_thw, processor)
+    hop = [m for m in marks if m[0] == 1]
+    assert len(hop) == 1 and hop[0][2] == batch.input_ids.shape[1] - 1     # the generation prompt's last token
+    with torch.no_grad():
+        _, _, _, pointed = train.Trainee(model, None)(train.chat_inputs(batch, model.config), None, hop)
+        with record_attention(model) as rec:
+            next(iter(q.generate(model, batch, 1)))
+    recorded = rec.probs(0)[1, train.POINT_HEAD, hop[0][3]].sum()
+    assert torch.allclose(torch.exp(-pointed), recorded, rtol=1e-4)
+    longer = {"messages": [{"role": "user", "content": [synthetic.media_item(synthetic.draw_scene(random.Random(2),
+                           size=(336, 336))), {"type": "text", "text": "Describe the image in one long sentence."}]}],
+              "world": ()}
+    padded = processor.batch([longer["messages"], examples[0]["messages"]], add_generation_prompt=True)
+    shift = padded.input_ids.shape[1] - batch.input_ids.shape[1]          # row 1 is left-padded by this much
+    assert shift > 0
+    with torch.no_grad():                                  # the same mark, in a left-padded row: the same weight
+        _, _, _, again = train.Trainee(model, None)(train.chat_inputs(padded, model.config), None,
+                                                    [(1, 1, hop[0][2] + shift, hop[0][3] + shift)])
+    assert torch.allclose(again, pointed, rtol=1e-4)
 
 
 def test_torchrun_two_processes(tmp_path):
