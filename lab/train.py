@@ -143,17 +143,24 @@ def labels_for(input_ids, attention_mask, processor, loss_on: str):
     if loss_on == "text":
         keep = attention_mask.bool() & (input_ids != processor.image_token_id) & (input_ids != processor.video_token_id)
         return labels.masked_scatter(keep, input_ids[keep])
-    head = processor.tokenizer.encode("<|im_start|>assistant\n", add_special_tokens=False).ids
+    head = turn_header(processor, "assistant")
     end = processor.eos_token_ids[0]                                        # <|im_end|>
     for b, row in enumerate(input_ids.tolist()):
-        i = 0
-        while i <= len(row) - len(head):
-            if row[i:i + len(head)] == head:
-                j = row.index(end, i + len(head)) if end in row[i + len(head):] else len(row) - 1
-                labels[b, i + len(head):j + 1] = input_ids[b, i + len(head):j + 1]
-                i = j
-            i += 1
+        for i in header_ends(row, head):                                    # the answer runs from i + 1 ...
+            j = row.index(end, i + 1) if end in row[i + 1:] else len(row) - 1   # ... to its <|im_end|>
+            labels[b, i + 1:j + 1] = input_ids[b, i + 1:j + 1]
     return labels
+
+
+def turn_header(processor, role: str) -> list[int]:
+    """The ids that open a ChatML turn of `role`: "<|im_start|>assistant\n"."""
+    return processor.tokenizer.encode(f"<|im_start|>{role}\n", add_special_tokens=False).ids
+
+
+def header_ends(row: list[int], header: list[int]) -> list[int]:
+    """Where each occurrence of `header` in a row of ids ends (the index of its last token)."""
+    n = len(header)
+    return [i + n - 1 for i in range(len(row) - n + 1) if row[i:i + n] == header]
 
 
 def approx_len(example) -> int:
@@ -350,8 +357,7 @@ def point_targets(examples, input_ids, image_grid_thw, processor) -> list[tuple[
     With the grounding heads reading the word after layer 0 (GROUND_LAYER), the word then holds the object's
     colour or kind for the answer to fetch."""
     words, kinds, colours = ground_words(processor.tokenizer), list(synthetic.SHAPES), list(synthetic.COLORS)
-    user, answer = (processor.tokenizer.encode(f"<|im_start|>{r}\n", add_special_tokens=False).ids
-                    for r in ("user", "assistant"))
+    user, answer = turn_header(processor, "user"), turn_header(processor, "assistant")
     merged = processor.merge_size ** 2
     out, image = [], 0                       # image: index of the example's first image in image_grid_thw
     for b, ex in enumerate(examples):
@@ -363,13 +369,13 @@ def point_targets(examples, input_ids, image_grid_thw, processor) -> list[tuple[
         row = input_ids[b].tolist()
         start = row.index(processor.image_token_id)
         kind, colour, *_ = cell_labels(ex["world"][0], processor, grid)           # (n,) class per merged token
-        heads = [i for i in range(len(row)) if row[i - len(answer) + 1:i + 1] == answer]
+        questions, answers = set(header_ends(row, user)), header_ends(row, answer)
         # who is speaking (the image opens the first user turn), and the latest word of this question naming objects
         speaker, last = "user", None
-        for i in range(start + math.prod(grid) // merged, heads[-1] + 1 if heads else 0):   # to the last answer
-            if row[i - len(user) + 1:i + 1] == user:
+        for i in range(start + math.prod(grid) // merged, answers[-1] + 1 if answers else 0):   # to the last answer
+            if i in questions:
                 speaker, last = "user", None
-            elif row[i - len(answer) + 1:i + 1] == answer:
+            elif i in answers:
                 if last is not None:
                     out.append((1, b, i, torch.tensor([last])))
                 speaker, last = "assistant", None
