@@ -117,7 +117,7 @@ def probe_lines(p: dict, f: dict | None) -> list[str]:
 
 def loss_on(stage) -> str:
     """A stage's losses in words: its chats' tokens, plus the cell-label loss on `cells` scenes per step and the
-    grounding heads' and the pointing head's losses on the chats' object words."""
+    grounding heads' and the pointing heads' losses (stage 3's look-ups)."""
     if stage.loss_on == "cells":
         return f"cells ({stage.cells} scenes/step)"
     return (stage.loss_on + (f" + cells ({stage.cells} scenes/step)" if stage.cells else "")
@@ -173,13 +173,17 @@ def write_card(ckpt: Path = NANO_DIR) -> Path:
         "",
     ]
     if any(st.ground or st.point for st in STAGES):
-        lines += ["\"+ grounding\" and \"+ pointing\" teach the LLM to look a named object up (the binding problem):",
-                  "grounding heads on the LLM's hidden states ask, at each word that names one object of the picture",
-                  "(\"circle\", \"red\"), for what the word does not say of it (`lab.train.ground_labels`), and one attention",
-                  "head is taught to point, in layer 0 from such a word to the object's visual tokens and in layer 1",
-                  "from the answer to the question's word (`lab.train.point_targets`). The grounding heads are thrown",
-                  "away with the cell heads and the pointing head is one of the LLM's own, so the checkpoint is a plain",
-                  "Qwen2-VL.", ""]
+        lines += ["\"+ grounding\" and \"+ pointing\" teach the LLM to look a named object up (the binding problem)",
+                  "and to say where it is. Grounding heads on the LLM's hidden states ask, at each word that names one",
+                  "object of the picture (\"circle\", \"red\"), for what the word does not say of it and for its region, and",
+                  "at every visual token for its row and column in the image's grid (`lab.train.ground_labels`).",
+                  "Attention heads are taught to point (`lab.train.point_targets`): in layer 0 from such a word to the",
+                  "object's visual tokens, in layer 1 from the word to them again (now they know where they sit) and",
+                  "to the image's last token (it knows the grid's size), and in layers 1 and 2 from the answer to the",
+                  "question's word. Why the rows and columns: the ViT cannot know where anything is (no absolute",
+                  "position embedding, and on a plain background every background patch is the same); only M-RoPE",
+                  "gives a visual token its row and column, in the LLM. The grounding heads are thrown away with the",
+                  "cell heads and the pointing heads are the LLM's own, so the checkpoint is a plain Qwen2-VL.", ""]
     if s.get("cell_accuracy"):
         acc = ", ".join(f"{name} {a:.0%}" for name, a in s["cell_accuracy"].items())
         lines += ["After training, the ViT and the cell heads name what lies under the merged tokens of fresh scenes",
@@ -206,8 +210,8 @@ def write_card(ckpt: Path = NANO_DIR) -> Path:
                   *probe_lines(json.loads(probe_file.read_text()), f), ""]
     if ablation:
         lines += ["## Ablation: M-RoPE vs plain 1D positions (`python -m lab.train --ablation`)", "",
-                  f"Both retrained with the same shorter schedule (scale {ablation['scale']}, "
-                  f"seed {ablation['seed']});",
+                  ablation.get("how") or f"Both retrained with the same shorter schedule (scale "
+                                         f"{ablation['scale']}, seed {ablation['seed']});",
                   "the 1D run sets all three position rows to the token index, everything else equal.", "",
                   table(ablation["mrope"], ablation["1d"], "1D positions").replace("| accuracy |",
                                                                                   "| M-RoPE |"),

@@ -16,11 +16,11 @@ EXAMPLES = (   # (question, files in OUT, the right answer): the app's example b
     ("Which image has more shapes?", ("two_a.png", "two_b.png"), "the second image."),
     ("What color is the moving shape?", ("clip.mp4",), "red."),
     ("Which way is the red square moving?", ("clip.mp4",), "up."),
-    ("What shape is the green object?", ("scene.png",), "circle."),
+    ("Where is the green circle?", ("scene.png",), "bottom left."),
 )
 # What the pictures show (checked when they are drawn); the examples above ask what the nano answers well.
-FACTS = {"circle": "green.", "green": "circle.", "two": "the second image.", "direction": "up.", "moving": "red.",
-         "count": "3.", "number": "139."}
+FACTS = {"circle": "green.", "green": "circle.", "where": "bottom left.", "two": "the second image.", "direction": "up.",
+         "moving": "red.", "count": "3.", "number": "139."}
 
 
 def _first(draw, accept, seed=0):
@@ -62,7 +62,8 @@ def write_examples(out=OUT):
                   lambda c: (c.moving.color, c.moving.kind) == ("red", "square"), seed=40)
     write_clip(list(clip.frames), out / "clip.mp4")
     truth = {"circle": f"{next(x.color for x in scene.shapes if x.kind == 'circle')}.",
-             "green": f"{next(x.kind for x in scene.shapes if x.color == 'green')}.", "two": "the second image.",
+             "green": f"{next(x.kind for x in scene.shapes if x.color == 'green')}.",
+             "where": f"{next(x.region for x in scene.shapes if x.kind == 'circle')}.", "two": "the second image.",
              "direction": f"{clip.direction}.", "moving": f"{clip.moving.color}.", "count": f"{len(scene.shapes)}.",
              "number": f"{number.number}."}
     if truth != FACTS:                      # the drawing code changed: FACTS and EXAMPLES must follow it

@@ -7,11 +7,12 @@ DFN's ViT"). Those linear heads stay on as an auxiliary loss in stages 1 and 2 a
 Then come the paper's three stages (Qwen2-VL section 2.3): 1) the LLM is frozen and the ViT and merger learn
 from image-caption pairs; 2) everything trains on the mixed data; 3) the ViT is frozen and the LLM is
 instruction-tuned on ChatML conversations, with the loss on the assistant's tokens only.
-Stage 3 also teaches the LLM to look up the object a question names (the binding problem), with two more
-auxiliary losses (`ground=True`, `point=True`): linear heads on the LLM's hidden states at the words that name an
-object ("circle", "red") ask for what the word does not say of it, and one attention head is taught to point, from
-such a word to the object's visual tokens and from the answer to the word (ground_labels and point_targets say
-why, and what they measured).
+Stage 3 also teaches the LLM to look up the object a question names (the binding problem) and to say where it
+is, with two more auxiliary losses (`ground=True`, `point=True`): linear heads on the LLM's hidden states ask, at
+the words that name an object ("circle", "red"), for what the word does not say of it and for its region, and at
+the visual tokens for their row and column (which only M-RoPE can tell them); attention heads are taught to
+point, from such a word to the object's visual tokens and from the answer to the word (ground_labels and
+point_targets say why, and what they measured).
 Run it with `python -m lab.train` (seeded; under 30 min on 2 CPU cores);
 `torchrun --nproc_per_node=N -m lab.train` runs the same script under DistributedDataParallel; `--resume` goes on
 after the last stage an interrupted run finished.
@@ -262,9 +263,17 @@ class CellHeads(torch.nn.Module):
         return tuple(head(f) for head in self.heads)
 
 
-GROUND_LAYER = 1     # the grounding heads read the residual stream after this many of the LLM's 4 layers
-GROUND_NAMES = ("colour", "kind", "count")            # what a word that names an object is asked about
-GROUND_CLASSES = (len(synthetic.COLORS), len(synthetic.SHAPES), 4)                 # counts 0-3
+# ---------------------------------------------------------------- stage 3: teaching the LLM to look things up
+GRID_SIDE = 16       # a visual token is asked for its merged row and column up to 15 (the world's canvases need 12)
+# The grounding heads: (what a head names, its classes, after how many of the LLM's 4 layers it reads the residual
+# stream, its loss weight). ground_labels says at which tokens and why.
+GROUNDS = (("colour", len(synthetic.COLORS), 1, 1.0),   # at a word naming one object: what the word does not say
+           ("kind", len(synthetic.SHAPES), 1, 1.0),
+           ("count", 4, 1, 1.0),                        # at a plural: how many (0-3)
+           ("region", len(synthetic.REGIONS), 2, 1.0),  # at a word naming one object: where it is
+           ("row", GRID_SIDE, 1, 1.0),                  # at every visual token of an image: its merged row ...
+           ("column", GRID_SIDE, 1, 1.0))               # ... and column
+GROUND_NAMES = tuple(g[0] for g in GROUNDS)
 
 
 def ground_words(tokenizer) -> dict[int, tuple[str, str]]:
@@ -277,37 +286,69 @@ def ground_words(tokenizer) -> dict[int, tuple[str, str]]:
     return {i[0]: words[word] for word, i in ids.items() if len(i) == 1}
 
 
-def ground_labels(examples, input_ids, tokenizer) -> tuple[torch.Tensor, ...]:
-    """The grounding heads' targets: at each token of a chat about one scene that names exactly one of its
-    shapes, what the word does not say of that shape (at a kind word its colour, at a colour word its kind); at a
-    plural ("circles", "shapes"), how many there are.
-    (B, L) ids -> one (B, L) class table per name in GROUND_NAMES, IGNORE where a token names nothing.
+def image_spans(examples, batch, processor) -> list[list[tuple[int, int, int]]]:
+    """Per row of a batch, (first token, merged rows, merged columns) of each of its images, in order (the batch's
+    image_grid_thw holds the grids of all rows' images one after another)."""
+    grids, m = ([] if batch.image_grid_thw is None else batch.image_grid_thw.tolist()), processor.merge_size
+    out, image = [], 0
+    for b, ex in enumerate(examples):
+        row, spans, at = batch.input_ids[b].tolist(), [], 0
+        for message in ex["messages"]:
+            for item in ([] if isinstance(message["content"], str) else message["content"]):
+                if item.get("type") == "image":
+                    t, h, w = grids[image]
+                    at, image = row.index(processor.image_token_id, at), image + 1
+                    spans.append((at, h // m, w // m))
+                    at += t * h * w // m ** 2
+        out.append(spans)
+    return out
 
-    Why: asked "What color is the circle?" with other shapes in the picture, the answer position must find which
-    kind the question named *and* look that kind up among the visual tokens: two hops in one forward pass, which
-    the nano's LLM does not discover from the answers alone (it names another shape's colour about half the time).
-    These targets teach the second hop where it is one hop: at the word "circle" itself. The answer then only
-    has to copy it from there.
 
-    Measured on the nano of sessions 4-11 (GROUND_LAYER 2 then; ViT frozen, 800 steps of colour questions only at
-    lr 2e-3, batch 8; 200 held-out questions): 71.5 % right without these targets, 100 % with them (two and three
-    shapes: 59/116 -> 116/116). Adding a region target at the same words, which the LLM cannot work out from these
-    visual tokens, undid it (74.5 %): a target the model cannot learn drowns the one it can. In the mixed data they
-    did not bind on their own: two full runs with them in stages 2 and 3 still named another shape's colour on two-
-    and three-shape pictures (colour 74-75 %), and re-running only stage 3 with them gave 72.5 %. They bind in the
-    mix together with the pointing loss (point_targets), which shows the word where to look, and with the heads
-    reading after the first layer, where the look-up happens: the recipe's stage 3 uses both."""
-    words, col = ground_words(tokenizer), list(synthetic.COLORS)
-    out = tuple(torch.full_like(input_ids, IGNORE) for _ in GROUND_NAMES)
-    colour, kind, count = out
+def ground_labels(examples, batch, processor) -> tuple[torch.Tensor, ...]:
+    """The grounding heads' targets, one (B, L) class table per head of GROUNDS, IGNORE where a token has none:
+    - at each word of a chat about one scene that names exactly one of its shapes ("circle", "red", "the red
+      circle"), what the word does not say of that shape (at a kind word its colour, at a colour word its kind),
+      and where it is (its region); at a plural ("circles", "shapes"), how many there are;
+    - at every visual token of every image, its merged row and column in the image's grid.
+
+    Why the words: asked "What color is the circle?" with other shapes in the picture, the answer position must
+    find which kind the question named *and* look that kind up among the visual tokens: two hops in one forward
+    pass, which the nano's LLM does not discover from the answers alone (it names another shape's colour about half
+    the time). These targets teach the second hop where it is one hop: at the word "circle" itself. The answer then
+    only has to copy it from there. Measured on an earlier nano (grounding after 2 layers then; ViT frozen,
+    800 steps of colour questions only): 71.5 % right without these targets, 100 % with them. In the mixed data
+    they bind only together with the pointing loss (point_targets), which shows the word where to look.
+
+    Why the rows and columns: the ViT cannot say where anything is. It has no absolute position embedding (2D RoPE
+    sees only offsets), and on a plain background every background patch is the same, so its attention averages
+    equal values wherever it looks: a linear probe on the nano's visual tokens finds a shape's region 19 % of the
+    time (chance 11 %), and a region head added to the ViT warm-up reached 17 %. Only the LLM knows where a visual
+    token sits: M-RoPE gives it the ids (t, row, column) offset from the text before the image, which differs from
+    token to token, so a token can read its own row and column off its attention to that text. These targets teach
+    it to, in the first layer; the words then fetch them in the second (point_targets) and learn the region there,
+    which needs the grid's size as well as the row and column (a region is a third of the picture).
+    Measured from the recipe's stage-2 weights (seed 0; stage 3 re-run, 200 held-out questions per category):
+    without the row and column targets position stays at 22.5 % (the checkpoint before them: 20.5 %), with them
+    it is 70 % (one-shape pictures 95 %), and at a fifth of their weight 57 %. The price is colour questions on
+    crowded pictures: every variant of the position losses tried (eight, one without the row and column targets)
+    answered 88-89.5 % of them (one 78.5 %, the one at a fifth of the weight 94 %), against 98 % without any. The
+    look-up itself did not change (the pointing head's weight on the named circle, square or triangle was the
+    same), so what is lost lies further on, in the answer."""
+    words, col = ground_words(processor.tokenizer), list(synthetic.COLORS)
+    out = {name: torch.full_like(batch.input_ids, IGNORE) for name in GROUND_NAMES}
+    for b, spans in enumerate(image_spans(examples, batch, processor)):
+        for start, h, w in spans:
+            cell = torch.arange(h * w)                                       # merged tokens in raster order
+            out["row"][b, start:start + h * w] = (cell // w).clamp(max=GRID_SIDE - 1)
+            out["column"][b, start:start + h * w] = (cell % w).clamp(max=GRID_SIDE - 1)
     for b, ex in enumerate(examples):
         if len(ex["world"]) != 1 or not isinstance(ex["world"][0], synthetic.Scene):
-            continue                                  # text only, two images or a clip: nothing to ground
-        shapes, row = ex["world"][0].shapes, input_ids[b].tolist()
+            continue                                  # text only, two images or a clip: no words to ground
+        shapes, row = ex["world"][0].shapes, batch.input_ids[b].tolist()
         for i, token in enumerate(row):
             what, name = words.get(token, (None, None))
             if what in ("kinds", "all"):
-                count[b, i] = sum(what == "all" or s.kind == name for s in shapes)
+                out["count"][b, i] = sum(what == "all" or s.kind == name for s in shapes)
                 continue
             before = words.get(row[i - 1], (None, None)) if i else (None, None)
             if what == "kind":
@@ -319,65 +360,70 @@ def ground_labels(examples, input_ids, tokenizer) -> tuple[torch.Tensor, ...]:
             else:
                 continue
             if len(named) == 1:
+                out["region"][b, i] = synthetic.REGIONS.index(named[0].region)
                 if what == "color":
-                    kind[b, i] = synthetic.SHAPES.index(named[0].kind)
+                    out["kind"][b, i] = synthetic.SHAPES.index(named[0].kind)
                 elif before[0] != "color":            # in "the red circle" the colour is the word before: no look-up
-                    colour[b, i] = col.index(named[0].color)
-    return out
+                    out["colour"][b, i] = col.index(named[0].color)
+    return tuple(out[name] for name in GROUND_NAMES)
 
 
 class GroundHeads(torch.nn.Module):
-    """Linear heads on the LLM's residual stream after GROUND_LAYER layers that name, at a word naming an object
-    of the scene, the object's colour or kind (and at a plural, how many): the auxiliary loss of a Stage with
-    `ground` (see ground_labels). Never saved."""
+    """Linear heads on the LLM's residual stream, one per entry of GROUNDS, each reading after its own number of
+    layers: the auxiliary loss of a Stage with `ground` (see ground_labels). Never saved."""
 
     def __init__(self, hidden: int):
         super().__init__()
-        self.heads = torch.nn.ModuleList(torch.nn.Linear(hidden, n) for n in GROUND_CLASSES)
+        self.heads = torch.nn.ModuleList(torch.nn.Linear(hidden, n) for _, n, _, _ in GROUNDS)
 
-    def forward(self, h):                                               # (B, L, C): the LLM's hidden states
-        return tuple(head(h) for head in self.heads)
-
-
-POINT_HEAD = 0       # the head that is taught to point, in the LLM's layers 0 (word -> object) and 1 (answer -> word)
+    def forward(self, hidden: dict):                        # layers run -> (B, L, C): the LLM's hidden states there
+        return tuple(head(hidden[after]) for head, (_, _, after, _) in zip(self.heads, GROUNDS))
 
 
-def point_targets(examples, input_ids, image_grid_thw, processor) -> list[tuple[int, int, int, torch.Tensor]]:
-    """Where the pointing head should look: (layer, row, query position, key positions) per target.
+# Where stage 3 teaches attention heads to look (point_targets): (layer, head) of each hop.
+WORD_TO_OBJECT = (0, 0)   # a word naming objects -> their visual tokens: the look-up by kind or colour
+ANSWER_TO_WORD = (1, 0)   # the answer -> the question's last such word (after layer 0 it holds the colour or kind)
+WORD_TO_PLACE = (1, 1)    # the question's word -> the objects' visual tokens again, which now know their row and
+                          # column ...
+WORD_TO_CORNER = (1, 2)   # ... and -> the image's last visual token, which knows the grid's size
+ANSWER_TO_PLACE = (2, 0)  # the answer -> the word again (after layer 1 it holds where the object is)
+
+
+def point_targets(examples, batch, processor) -> list[tuple[int, int, int, int, torch.Tensor]]:
+    """Where the pointing heads should look: (layer, head, row, query position, key positions) per target.
 
     In a chat about one scene, at every word that names objects of it ("circle", "red", "squares"; "circle" in
-    "the red circle" only the red one), head POINT_HEAD of layer 0 should put its weight on those objects' visual
-    tokens; and at the position that predicts an answer, the same head of layer 1 should look at the last such
-    word of the question. Two hops, each taught where it is one hop. (The words of the last answer, after the last
+    "the red circle" only the red one), head WORD_TO_OBJECT should put its weight on those objects' visual tokens;
+    at the position that predicts an answer, ANSWER_TO_WORD should look at the last such word of the question.
+    Two hops, each taught where it is one hop. For where things are, two more of each: in layer 1 the question's
+    word looks at the objects again (WORD_TO_PLACE) and at the image's last token (WORD_TO_CORNER), and in layer 2
+    the answer fetches the word once more (ANSWER_TO_PLACE). (The words of the last answer, after the last
     question, are not marked, as in the runs that measured this.)
 
-    Why layer 0 for the first: at the merger's output a visual token's kind is a fifth of its variance, but
-    after the LLM's first layer the colour features it adds leave the kind 3 % (measured on the previous nano), so
+    Why layer 0 for the look-up: at the merger's output a visual token's kind is a fifth of its variance, but
+    after the LLM's first layer the colour features it adds leave the kind 3 % (measured on an earlier nano), so
     the look-up by kind has to happen in layer 0, and it can only happen at the word, where the kind is known.
-    With the grounding heads reading the word after layer 0 (GROUND_LAYER), the word then holds the object's
-    colour or kind for the answer to fetch."""
+    Why layer 1 for the place: a visual token learns its row and column in layer 0 (ground_labels), so only
+    from layer 1 on do its values carry where it is."""
     words, kinds, colours = ground_words(processor.tokenizer), list(synthetic.SHAPES), list(synthetic.COLORS)
     user, answer = turn_header(processor, "user"), turn_header(processor, "assistant")
-    merged = processor.merge_size ** 2
-    out, image = [], 0                       # image: index of the example's first image in image_grid_thw
-    for b, ex in enumerate(examples):
-        media = [c for m in ex["messages"] if not isinstance(m["content"], str) for c in m["content"]]
-        n_images = sum("image" in c for c in media)
-        grid, image = (image_grid_thw[image].tolist() if n_images else None), image + n_images
+    out = []
+    for b, (ex, spans) in enumerate(zip(examples, image_spans(examples, batch, processor))):
         if len(ex["world"]) != 1 or not isinstance(ex["world"][0], synthetic.Scene):
             continue                          # text only, two images or a clip: nothing to point at
-        row = input_ids[b].tolist()
-        start = row.index(processor.image_token_id)
-        kind, colour, *_ = cell_labels(ex["world"][0], processor, grid)           # (n,) class per merged token
+        (start, h, w), row, m = spans[0], batch.input_ids[b].tolist(), processor.merge_size
+        kind, colour, *_ = cell_labels(ex["world"][0], processor, [1, h * m, w * m])   # (n,) class per merged token
+        corner = torch.tensor([start + h * w - 1])
         questions, answers = set(header_ends(row, user)), header_ends(row, answer)
         # who is speaking (the image opens the first user turn), and the latest word of this question naming objects
         speaker, last = "user", None
-        for i in range(start + math.prod(grid) // merged, answers[-1] + 1 if answers else 0):   # to the last answer
+        for i in range(start + h * w, answers[-1] + 1 if answers else 0):         # to the last answer
             if i in questions:
                 speaker, last = "user", None
             elif i in answers:
                 if last is not None:
-                    out.append((1, b, i, torch.tensor([last])))
+                    word = torch.tensor([last])
+                    out += [(*ANSWER_TO_WORD, b, i, word), (*ANSWER_TO_PLACE, b, i, word)]
                 speaker, last = "assistant", None
             what, name = words.get(row[i], (None, None))
             if what in ("kind", "kinds"):
@@ -390,22 +436,25 @@ def point_targets(examples, input_ids, image_grid_thw, processor) -> list[tuple[
             else:
                 continue
             if cells.any():
-                out.append((0, b, i, start + cells.nonzero()[:, 0]))
-                last = i if speaker == "user" else last
+                objects = start + cells.nonzero()[:, 0]
+                out.append((*WORD_TO_OBJECT, b, i, objects))
+                if speaker == "user":
+                    last = i
+                    out += [(*WORD_TO_PLACE, b, i, objects), (*WORD_TO_CORNER, b, i, corner)]
     return out
 
 
 def point_loss(attention: dict, marks) -> torch.Tensor:
-    """Mean over the marks of -log(the weight POINT_HEAD gives their key positions): softmax(q k^T / sqrt(D)) of the
-    rotated query and keys, exactly what the layer's SDPA call computed. `attention`: layer -> (q (B, L, H*D),
+    """Mean over the marks of -log(the weight the mark's head gives its key positions): softmax(q k^T / sqrt(D)) of
+    the rotated query and keys, exactly what the layer's SDPA call computed. `attention`: layer -> (q (B, L, H*D),
     k (B, L, K*D), cos (B, L, D), sin, mask (B, 1, L, L) bool or None = causal), caught by Trainee's hooks."""
     losses = []
-    for layer, b, i, keys in marks:
+    for layer, head, b, i, keys in marks:
         q, k, cos, sin, mask = attention[layer]
         D = cos.shape[-1]
         H, K = q.shape[-1] // D, k.shape[-1] // D
-        qi = q[b, i].view(H, D)[POINT_HEAD]                                  # (D,)
-        kj = k[b, :i + 1].view(i + 1, K, D)[:, POINT_HEAD // (H // K)]      # GQA: its kv head, (i+1, D)
+        qi = q[b, i].view(H, D)[head]                                        # (D,)
+        kj = k[b, :i + 1].view(i + 1, K, D)[:, head // (H // K)]            # GQA: its kv head, (i+1, D)
         qi, kj = apply_rope(qi, cos[b, i], sin[b, i]), apply_rope(kj, cos[b, :i + 1], sin[b, :i + 1])
         scores = kj @ qi / math.sqrt(D)                                      # (i+1,)
         if mask is not None:                                                 # left padding
@@ -427,9 +476,10 @@ class Trainee(torch.nn.Module):
         """-> (logits (B, L, V), cell logits, grounding logits, pointing loss); None for what was not asked.
         `marks`: point_targets of the chat (None: no pointing loss)."""
         seen, attention, hooks = {}, {}, []
-        if chat is not None and self.ground is not None:   # the hidden states after GROUND_LAYER layers, by a hook
-            layer = self.model.model.layers[GROUND_LAYER - 1]
-            hooks.append(layer.register_forward_hook(lambda module, args, out: seen.update(h=out)))
+        if chat is not None and self.ground is not None:   # the hidden states the grounding heads read, by hooks
+            for after in sorted({g[2] for g in GROUNDS}):
+                hooks.append(self.model.model.layers[after - 1].register_forward_hook(
+                    lambda module, args, out, after=after: seen.update({after: out})))
         for i in sorted({m[0] for m in marks or ()}):       # the pointing layers' q, k and rotation, by hooks
             attn, got = self.model.model.layers[i].self_attn, {}
             hooks += [attn.q_proj.register_forward_hook(lambda module, args, out, got=got: got.update(q=out)),
@@ -441,7 +491,7 @@ class Trainee(torch.nn.Module):
         finally:
             for hook in hooks:
                 hook.remove()
-        ground = self.ground(seen["h"]) if "h" in seen else None    # one (B, L, classes) table per head
+        ground = self.ground(seen) if seen else None                # one (B, L, classes) table per head
         pointed = point_loss(attention, marks) if marks else None
         # scenes: (pixel rows (N, 1176), grids (n, 3)) -> one (N/4, classes) logit table per cell head
         cells = self.heads(self.model.visual(*scenes)) if scenes is not None else None
@@ -481,10 +531,12 @@ def cell_loss(cells, targets):
 
 
 def ground_loss(ground, targets):
-    """Summed cross-entropy of the grounding heads over the tokens that have a target: ((B, L, classes) logits per
-    head, (B, L) labels per head). A head with no target in the batch adds nothing (its mean would be NaN)."""
-    return sum((F.cross_entropy(logits[labels != IGNORE], labels[labels != IGNORE])
-                for logits, labels in zip(ground, targets) if (labels != IGNORE).any()), ground[0].new_zeros(()))
+    """Weighted sum (GROUNDS) of the grounding heads' cross-entropies over the tokens that have a target: ((B, L,
+    classes) logits per head, (B, L) labels per head). A head with no target in the batch adds nothing (its mean
+    would be NaN)."""
+    return sum((weight * F.cross_entropy(logits[labels != IGNORE], labels[labels != IGNORE])
+                for logits, labels, (*_, weight) in zip(ground, targets, GROUNDS) if (labels != IGNORE).any()),
+               ground[0].new_zeros(()))
 
 
 # ---------------------------------------------------------------- the recipe
@@ -497,8 +549,8 @@ class Stage:
     loss_on: str          # "text", "assistant" (see labels_for) or "cells" (no chats: the cell loss alone)
     weights: dict = field(default_factory=dict)   # category -> sampling weight
     cells: int = 0        # scenes or clips per step (all processes together) for the cell-label loss, 0 = none
-    ground: bool = False  # the grounding heads' loss on the chats' words that name objects (ground_labels)
-    point: bool = False   # the pointing loss on the attention of POINT_HEAD (point_targets)
+    ground: bool = False  # the grounding heads' loss on object words and visual tokens (ground_labels)
+    point: bool = False   # the pointing loss on the attention of the LLM's heads (point_targets)
 
 
 TEXT_ONLY = {"text_only": 1.0, "text_document": 3.0}
@@ -553,9 +605,9 @@ def train_stage(model, processor, stage, rng, batch_size, device, pos_mode, rank
             batch, labels = make_batch(processor, examples, stage.loss_on)
             chat, labels = chat_inputs(batch.to(device), model.config, pos_mode), labels.to(device)
             if stage.ground:
-                ground_marks = tuple(t.to(device) for t in ground_labels(examples, batch.input_ids, processor.tokenizer))
+                ground_marks = tuple(t.to(device) for t in ground_labels(examples, batch, processor))
             if stage.point:
-                marks = point_targets(examples, batch.input_ids, batch.image_grid_thw, processor)
+                marks = point_targets(examples, batch, processor)
         if stage.cells:
             scenes, targets = scene_batch(processor, rng, max(1, stage.cells // world), device)
         logits, cells, grounded, pointed = net(chat, scenes, marks)

@@ -110,7 +110,7 @@ def test_ground_labels_name_the_one_object_a_word_names(tok):
                  "world": (scene,)} for t in questions]
     examples.append({"messages": [{"role": "user", "content": "What color is the circle?"}], "world": ()})
     batch = processor.batch([ex["messages"] for ex in examples], add_generation_prompt=True)
-    tables = dict(zip(train.GROUND_NAMES, train.ground_labels(examples, batch.input_ids, tok)))
+    tables = dict(zip(train.GROUND_NAMES, train.ground_labels(examples, batch, processor)))
 
     def named(what, b):         # word -> target, over the tokens of row b that have one
         table = tables[what][b]
@@ -125,26 +125,65 @@ def test_ground_labels_name_the_one_object_a_word_names(tok):
     assert named("count", 3) == {"squares": 2} and named("count", 4) == {"shapes": 3}
     assert named("count", 6) == {"triangles": 0}
     assert named("colour", 5) == {}                                   # two squares: "the square" names none
+    regions = synthetic.REGIONS.index
+    assert named("region", 0) == {"circle": regions("top left")} and named("region", 1) == {"blue": regions("center")}
+    assert named("region", 2) == {"green": regions("right"), "square": regions("right")}   # "green square": that one
+    assert all(named("region", b) == {} for b in (3, 4, 5, 6))        # plurals name no one place; two squares
     assert all(named(what, 7) == {} for what in train.GROUND_NAMES)  # no picture, nothing to ground
 
 
-def test_grounding_heads_read_the_llm_after_ground_layer_layers(tok):
-    """The grounding loss reaches the LLM's first GROUND_LAYER layers (it teaches the look-up there) and the
-    heads, and nothing above them: the hook reads the right layer's output."""
+def test_ground_labels_give_each_visual_token_the_row_and_column_m_rope_gives_it(tok):
+    """Oracle: the M-RoPE ids the model itself uses. An image token's (t, h, w) ids are (s, s + row, s + column)
+    for the image's start id s, so its row and column targets must be h - t and w - t: in a row with two images
+    of different shapes, in a left-padded row, and with no labels on text or video tokens."""
+    from qwen2vl_min.rope import mrope_position_ids
+    processor = train.nano_processor(tok)
+    rng = random.Random(4)
+    wide, tall = synthetic.draw_scene(rng, size=(336, 112)), synthetic.draw_scene(rng, size=(140, 280))
+    clip = synthetic.draw_clip(rng)
+    text = lambda t: {"type": "text", "text": t}
+    examples = [{"messages": [{"role": "user", "content": [synthetic.media_item(wide), synthetic.media_item(tall),
+                                                          text("Which image has more shapes?")]}], "world": (wide, tall)},
+                {"messages": [{"role": "user", "content": [synthetic.media_item(clip), synthetic.media_item(tall),
+                                                          text("Hi")]}], "world": (clip, tall)},
+                {"messages": [{"role": "user", "content": [text("Hello")]}], "world": ()}]
+    batch = processor.batch([ex["messages"] for ex in examples], add_generation_prompt=True)
+    tables = dict(zip(train.GROUND_NAMES, train.ground_labels(examples, batch, processor)))
+    config = train.nano_config(tok)
+    ids, _ = mrope_position_ids(batch.input_ids, batch.image_grid_thw, batch.video_grid_thw, batch.attention_mask,
+                                config)                                                          # (3, B, L)
+    image = batch.input_ids == processor.image_token_id
+    assert image.sum() > 0 and image[1].sum() > 0 and (batch.attention_mask[2] == 0).any()
+    assert torch.equal(tables["row"][image], (ids[1] - ids[0])[image])
+    assert torch.equal(tables["column"][image], (ids[2] - ids[0])[image])
+    assert (tables["row"][~image] == train.IGNORE).all() and (tables["column"][~image] == train.IGNORE).all()
+    assert tables["column"][0].max() == 336 // 28 - 1 and tables["row"][0][image[0]].max() == 280 // 28 - 1
+
+
+def test_grounding_heads_read_the_llm_after_their_layers(tok):
+    """Each grounding head's loss reaches the LLM's layers below the point GROUNDS says it reads, and nothing
+    above them: the hooks read the right layers' outputs."""
     torch.manual_seed(0)
     processor = train.nano_processor(tok)
     model = train.init_weights(q.Qwen2VL(train.nano_config(tok)))
-    examples = [synthetic.make_example(random.Random(i), "color") for i in range(4)]
+    examples = [synthetic.make_example(random.Random(i), ("color", "position")[i % 2]) for i in range(6)]
     batch, _ = train.make_batch(processor, examples, "assistant")
     ground = train.GroundHeads(model.config.text.hidden_size)
-    _, _, grounded, _ = train.Trainee(model, None, ground)(train.chat_inputs(batch, model.config), None)
-    targets = train.ground_labels(examples, batch.input_ids, tok)
-    assert all(g.shape[:2] == batch.input_ids.shape for g in grounded)
-    train.ground_loss(grounded, targets).backward()
-    reached = {i for i, layer in enumerate(model.model.layers) if any(p.grad is not None for p in layer.parameters())}
-    assert reached == set(range(train.GROUND_LAYER))
-    assert ground.heads[0].weight.grad is not None                      # colour questions: the colour head
-    assert not model.model.layers[train.GROUND_LAYER - 1]._forward_hooks           # the hook is gone afterwards
+    targets = train.ground_labels(examples, batch, processor)
+    for head, (name, _, after, _) in enumerate(train.GROUNDS):
+        if (targets[head] == train.IGNORE).all():
+            continue
+        model.zero_grad(set_to_none=True)
+        _, _, grounded, _ = train.Trainee(model, None, ground)(train.chat_inputs(batch, model.config), None)
+        assert all(g.shape[:2] == batch.input_ids.shape for g in grounded)
+        only = tuple(t if k == head else torch.full_like(t, train.IGNORE) for k, t in enumerate(targets))
+        train.ground_loss(grounded, only).backward()
+        reached = {i for i, layer in enumerate(model.model.layers) if any(p.grad is not None for p in layer.parameters())}
+        assert reached == set(range(after)), name
+        assert ground.heads[head].weight.grad is not None
+    tested = {name for (name, *_), t in zip(train.GROUNDS, targets) if (t != train.IGNORE).any()}
+    assert {"colour", "region", "row"} <= tested and {g[2] for g in train.GROUNDS} == {1, 2}
+    assert not any(layer._forward_hooks for layer in model.model.layers)    # the hooks are gone afterwards
 
 
 def _three_kinds_scene(seed=0):
@@ -178,19 +217,31 @@ def test_point_targets_mark_the_named_object_and_the_question_word():
                 {"messages": [{"role": "user", "content": "What color is the circle?"},
                               {"role": "assistant", "content": "red."}], "world": ()}]
     batch, labels = train.make_batch(processor, examples, "assistant")
-    marks = train.point_targets(examples, batch.input_ids, batch.image_grid_thw, processor)
-    assert {m[1] for m in marks} == {0}
+    marks = train.point_targets(examples, batch, processor)
+    assert {m[2] for m in marks} == {0}
     ids, word = batch.input_ids[0], lambda i: processor.tokenizer.decode([int(batch.input_ids[0, i])]).strip()
     start = ids.tolist().index(processor.image_token_id)
     kind, colour, *_ = train.cell_labels(scene, processor, batch.image_grid_thw[0].tolist())
     circle_cells = set((start + (kind == 1 + synthetic.SHAPES.index("circle")).nonzero()[:, 0]).tolist())
-    layer0 = [(word(i), set(keys.tolist())) for layer, _, i, keys in marks if layer == 0]
-    assert layer0 == [("circle", circle_cells), (circle.color, set((start + (colour == 1 + list(
-        synthetic.COLORS).index(circle.color)).nonzero()[:, 0]).tolist())), ("circle", circle_cells)]
+    last_image_token = start + len(kind) - 1
+    assert ids[last_image_token] == processor.image_token_id != ids[last_image_token + 1]
+
+    def hop(which, keys=lambda k: set(k.tolist())):
+        return [(i, keys(k)) for layer, head, _, i, k in marks if (layer, head) == which]
+    words = lambda k: [word(j) for j in k.tolist()]
+    objects = hop(train.WORD_TO_OBJECT)
+    assert [(word(i), k) for i, k in objects] == [
+        ("circle", circle_cells), (circle.color, set((start + (colour == 1 + list(
+            synthetic.COLORS).index(circle.color)).nonzero()[:, 0]).tolist())), ("circle", circle_cells)]
     answers = [i for i in range(1, ids.shape[0]) if labels[0, i] != train.IGNORE and labels[0, i - 1] == train.IGNORE]
-    layer1 = [(i, [word(k) for k in keys.tolist()]) for layer, _, i, keys in marks if layer == 1]
-    assert layer1 == [(answers[0] - 1, ["circle"]), (answers[1] - 1, ["circle"])]   # "How many shapes": no word
-    assert all(i < answers[-1] for _, _, i, _ in marks)                # the caption's words are not marked
+    hops = [(answers[0] - 1, ["circle"]), (answers[1] - 1, ["circle"])]              # "How many shapes": no word
+    assert hop(train.ANSWER_TO_WORD, words) == hop(train.ANSWER_TO_PLACE, words) == hops
+    # where the words' objects are: in layer 1 the same words look at the same tokens, and at the image's last one
+    assert hop(train.WORD_TO_PLACE) == objects
+    assert hop(train.WORD_TO_CORNER) == [(i, {last_image_token}) for i, _ in objects]
+    assert all(i < answers[-1] for _, _, _, i, _ in marks)             # the caption's words are not marked
+    assert {m[:2] for m in marks} == {train.WORD_TO_OBJECT, train.WORD_TO_PLACE, train.WORD_TO_CORNER,
+                                      train.ANSWER_TO_WORD, train.ANSWER_TO_PLACE}
 
 
 def test_point_loss_is_the_attention_the_model_computed():
@@ -203,25 +254,31 @@ def test_point_loss_is_the_attention_the_model_computed():
                                                            {"type": "text", "text": "What color is the square?"}]}],
                  "world": (scene,)}]
     batch = processor.batch([ex["messages"] for ex in examples], add_generation_prompt=True)
-    marks = train.point_targets(examples, batch.input_ids, batch.image_grid_thw, processor)
-    hop = [m for m in marks if m[0] == 1]
-    assert len(hop) == 1 and hop[0][2] == batch.input_ids.shape[1] - 1     # the generation prompt's last token
+    marks = train.point_targets(examples, batch, processor)
+    hop = [m for m in marks if m[:2] == train.ANSWER_TO_WORD]
+    assert len(hop) == 1 and hop[0][3] == batch.input_ids.shape[1] - 1     # the generation prompt's last token
+    # the trained hop puts almost all its weight on the word (the loss is ~1e-5, float noise at that size): also
+    # ask for a weight well inside (0, 1), an untrained head's on the image tokens
+    image = (batch.input_ids[0] == processor.image_token_id).nonzero()[:, 0]
+    hop += [(2, 5, 0, hop[0][3], image)]
     with torch.no_grad():
-        _, _, _, pointed = train.Trainee(model, None)(train.chat_inputs(batch, model.config), None, hop)
+        pointed = [train.Trainee(model, None)(train.chat_inputs(batch, model.config), None, [m])[3] for m in hop]
         with record_attention(model) as rec:
             next(iter(q.generate(model, batch, 1)))
-    recorded = rec.probs(0)[1, train.POINT_HEAD, hop[0][3]].sum()
-    assert torch.allclose(torch.exp(-pointed), recorded, rtol=1e-4)
+    recorded = [rec.probs(0)[layer, head, keys].sum() for layer, head, _, _, keys in hop]
+    assert 0.01 < recorded[1] < 0.99
+    assert all(torch.allclose(torch.exp(-p), r, rtol=1e-4) for p, r in zip(pointed, recorded))
     longer = {"messages": [{"role": "user", "content": [synthetic.media_item(synthetic.draw_scene(random.Random(2),
                            size=(336, 336))), {"type": "text", "text": "Describe the image in one long sentence."}]}],
               "world": ()}
     padded = processor.batch([longer["messages"], examples[0]["messages"]], add_generation_prompt=True)
     shift = padded.input_ids.shape[1] - batch.input_ids.shape[1]          # row 1 is left-padded by this much
     assert shift > 0
+    layer, head, _, i, keys = hop[1]
     with torch.no_grad():                                  # the same mark, in a left-padded row: the same weight
         _, _, _, again = train.Trainee(model, None)(train.chat_inputs(padded, model.config), None,
-                                                    [(1, 1, hop[0][2] + shift, hop[0][3] + shift)])
-    assert torch.allclose(again, pointed, rtol=1e-4)
+                                                    [(layer, head, 1, i + shift, keys + shift)])
+    assert torch.allclose(again, pointed[1], rtol=1e-4)
 
 
 def test_torchrun_two_processes(tmp_path):
