@@ -175,8 +175,9 @@ def write_card(ckpt: Path = NANO_DIR) -> Path:
     if any(st.ground or st.point for st in STAGES):
         lines += ["\"+ grounding\" and \"+ pointing\" teach the LLM to look a named object up (the binding problem)",
                   "and to say where it is. Grounding heads on the LLM's hidden states ask, at each word that names one",
-                  "object of the picture (\"circle\", \"red\"), for what the word does not say of it and for its region, and",
-                  "at every visual token for its row and column in the image's grid (`lab.train.ground_labels`).",
+                  "object of the picture (\"circle\", \"red\"), for what the word does not say of it and for its region,",
+                  "at every visual token for its row and column in the image's grid, and where an answer's colour is",
+                  "predicted, for that colour (`lab.train.ground_labels`).",
                   "Attention heads are taught to point (`lab.train.point_targets`): in layer 0 from such a word to the",
                   "object's visual tokens, in layer 1 from the word to them again (now they know where they sit) and",
                   "to the image's last token (it knows the grid's size), and in layers 1 and 2 from the answer to the",

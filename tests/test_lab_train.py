@@ -132,6 +132,33 @@ def test_ground_labels_name_the_one_object_a_word_names(tok):
     assert all(named(what, 7) == {} for what in train.GROUND_NAMES)  # no picture, nothing to ground
 
 
+def test_ground_labels_ask_the_answer_for_the_colour_it_says(tok):
+    """Where an answer's colour word is predicted, in a chat about one scene: that colour, whichever turn it is in;
+    not where an answer says a shape, a count or a caption (whose first word is not a colour), nor in a chat about
+    a clip."""
+    processor = train.nano_processor(tok)
+    scene = _scene(("circle", "red", "top left"), ("square", "blue", "center"))
+    clip = synthetic.draw_clip(random.Random(3))
+    turns = [("What shape is the blue object?", "square."), ("What color is the circle?", "red."),
+             ("How many shapes are there?", "2."), ("Describe the image.", synthetic.describe(scene)),
+             ("What color is the square?", "blue.")]
+    examples = [{"messages": [], "world": (scene,)},
+                {"messages": [{"role": "user", "content": [synthetic.media_item(clip), {"type": "text",
+                              "text": "What color is the moving shape?"}]},
+                              {"role": "assistant", "content": f"{clip.moving.color}."}], "world": (clip,)}]
+    for i, (question, answer) in enumerate(turns):
+        examples[0]["messages"] += [{"role": "user", "content": ([synthetic.media_item(scene)] if i == 0 else []) +
+                                     [{"type": "text", "text": question}]}, {"role": "assistant", "content": answer}]
+    batch, labels = train.make_batch(processor, examples, "assistant")
+    table = dict(zip(train.GROUND_NAMES, train.ground_labels(examples, batch, processor)))["answer colour"]
+    marked = (table[0] != train.IGNORE).nonzero()[:, 0]
+    colours = list(synthetic.COLORS)
+    assert [(tok.decode([int(batch.input_ids[0, i + 1])]), int(table[0, i])) for i in marked] == \
+        [("red", colours.index("red")), ("blue", colours.index("blue"))]
+    assert all(labels[0, i] == train.IGNORE != labels[0, i + 1] for i in marked)    # the answer's first token next
+    assert (table[1] == train.IGNORE).all()
+
+
 def test_ground_labels_give_each_visual_token_the_row_and_column_m_rope_gives_it(tok):
     """Oracle: the M-RoPE ids the model itself uses. An image token's (t, h, w) ids are (s, s + row, s + column)
     for the image's start id s, so its row and column targets must be h - t and w - t: in a row with two images
