@@ -132,10 +132,10 @@ def test_ground_labels_name_the_one_object_a_word_names(tok):
     assert all(named(what, 7) == {} for what in train.GROUND_NAMES)  # no picture, nothing to ground
 
 
-def test_ground_labels_ask_the_answer_for_the_colour_it_says(tok):
+def test_ground_labels_ask_the_answer_for_the_colour_or_kind_it_says(tok):
     """Where an answer's colour word is predicted, in a chat about one scene: that colour, whichever turn it is in;
-    not where an answer says a shape, a count or a caption (whose first word is not a colour), nor in a chat about
-    a clip."""
+    where its shape word is, that kind; not where an answer says a count or a caption (whose first word is
+    neither), nor in a chat about a clip."""
     processor = train.nano_processor(tok)
     scene = _scene(("circle", "red", "top left"), ("square", "blue", "center"))
     clip = synthetic.draw_clip(random.Random(3))
@@ -150,13 +150,57 @@ def test_ground_labels_ask_the_answer_for_the_colour_it_says(tok):
         examples[0]["messages"] += [{"role": "user", "content": ([synthetic.media_item(scene)] if i == 0 else []) +
                                      [{"type": "text", "text": question}]}, {"role": "assistant", "content": answer}]
     batch, labels = train.make_batch(processor, examples, "assistant")
-    table = dict(zip(train.GROUND_NAMES, train.ground_labels(examples, batch, processor)))["answer colour"]
-    marked = (table[0] != train.IGNORE).nonzero()[:, 0]
+    tables = dict(zip(train.GROUND_NAMES, train.ground_labels(examples, batch, processor)))
     colours = list(synthetic.COLORS)
+    for name, want in (("answer colour", [("red", colours.index("red")), ("blue", colours.index("blue"))]),
+                       ("answer kind", [("square", synthetic.SHAPES.index("square"))])):
+        table = tables[name]
+        marked = (table[0] != train.IGNORE).nonzero()[:, 0]
+        assert [(tok.decode([int(batch.input_ids[0, i + 1])]), int(table[0, i])) for i in marked] == want
+        assert all(labels[0, i] == train.IGNORE != labels[0, i + 1] for i in marked)   # the answer's first token next
+        assert (table[1] == train.IGNORE).all()
+
+
+def test_ground_labels_ask_a_count_questions_answer_for_the_count(tok):
+    """Where the answer to "How many ...?" is predicted: the count of the question's plural (0 when the picture has
+    none of that kind), in any turn; not where other answers are predicted, nor in a chat with two pictures."""
+    processor = train.nano_processor(tok)
+    scene = _scene(("circle", "red", "top left"), ("circle", "blue", "center"), ("square", "green", "right"))
+    turns = [("How many shapes are there?", "3."), ("What color is the square?", "green."),
+             ("How many circles are there?", "2."), ("Count the triangles.", "0."), ("Describe the image.",
+             synthetic.describe(scene))]
+    messages = []
+    for i, (question, answer) in enumerate(turns):
+        messages += [{"role": "user", "content": ([synthetic.media_item(scene)] if i == 0 else []) +
+                      [{"type": "text", "text": question}]}, {"role": "assistant", "content": answer}]
+    two = [{"role": "user", "content": [synthetic.media_item(scene), synthetic.media_item(scene),
+                                        {"type": "text", "text": "Which image has more shapes?"}]},
+           {"role": "assistant", "content": "the first image."}]
+    examples = [{"messages": messages, "world": (scene,)}, {"messages": two, "world": (scene, scene)}]
+    batch, labels = train.make_batch(processor, examples, "assistant")
+    tables = dict(zip(train.GROUND_NAMES, train.ground_labels(examples, batch, processor)))
+    table, plural = tables["answer count"], tables["count"]
+    marked = (table[0] != train.IGNORE).nonzero()[:, 0]
     assert [(tok.decode([int(batch.input_ids[0, i + 1])]), int(table[0, i])) for i in marked] == \
-        [("red", colours.index("red")), ("blue", colours.index("blue"))]
+        [("3", 3), ("2", 2), ("0", 0)]
+    assert [int(plural[0, i]) for i in (plural[0] != train.IGNORE).nonzero()[:, 0]] == [3, 2, 0]
     assert all(labels[0, i] == train.IGNORE != labels[0, i + 1] for i in marked)    # the answer's first token next
     assert (table[1] == train.IGNORE).all()
+
+
+def test_cell_labels_count_the_shapes_of_the_picture(tok):
+    """Under every merged token: how many shapes its scene or clip holds; under a shape: how many of its kind."""
+    processor, rng = train.nano_processor(tok), random.Random(4)
+    items = [synthetic.draw_scene(rng, n_shapes=n) for n in (1, 2, 3, 3, 3)] + \
+        [synthetic.draw_number_scene(rng) for _ in range(4)] + [synthetic.draw_clip(rng) for _ in range(4)]
+    for item in items:
+        kind, *_, count, of_kind = train.cell_labels(item, processor)
+        shapes = item.shapes if isinstance(item, synthetic.Scene) else [item.moving] + [item.static] * bool(item.static)
+        assert count.tolist() == [len(shapes)] * len(kind)
+        assert of_kind.tolist() == [sum(s.kind == synthetic.SHAPES[k - 1] for s in shapes) if k else 0
+                                    for k in kind.tolist()]
+    assert any(len(item.shapes) == 0 for item in items[5:9])            # a number alone: count 0
+    assert any(len({s.kind for s in item.shapes}) < len(item.shapes) for item in items[:5])   # two of one kind
 
 
 def test_ground_labels_give_each_visual_token_the_row_and_column_m_rope_gives_it(tok):
@@ -223,9 +267,9 @@ def _three_kinds_scene(seed=0):
 
 
 def test_point_targets_mark_the_named_object_and_the_question_word():
-    """Layer 0: at "circle" the circle's visual tokens (from the cell labels), at "red circle" only a red one;
-    layer 1: at the position that predicts each answer, the question's last object word; nothing in the last
-    answer, in a chat about a clip or without a picture."""
+    """Layer 0: at "circle" the circle's visual tokens (from the cell labels), at "red circle" only a red one, at
+    "shapes" every shape's; layer 1: at the position that predicts each answer, the question's last object word;
+    nothing in the last answer, in a chat about a clip or without a picture."""
     model, processor = q.load(train.NANO_DIR, device="cpu")
     scene = _three_kinds_scene()
     circle = next(s for s in scene.shapes if s.kind == "circle")
@@ -259,9 +303,11 @@ def test_point_targets_mark_the_named_object_and_the_question_word():
     objects = hop(train.WORD_TO_OBJECT)
     assert [(word(i), k) for i, k in objects] == [
         ("circle", circle_cells), (circle.color, set((start + (colour == 1 + list(
-            synthetic.COLORS).index(circle.color)).nonzero()[:, 0]).tolist())), ("circle", circle_cells)]
+            synthetic.COLORS).index(circle.color)).nonzero()[:, 0]).tolist())), ("circle", circle_cells),
+        ("shapes", set((start + (kind > 0).nonzero()[:, 0]).tolist()))]
+    assert circle_cells < objects[-1][1]
     answers = [i for i in range(1, ids.shape[0]) if labels[0, i] != train.IGNORE and labels[0, i - 1] == train.IGNORE]
-    hops = [(answers[0] - 1, ["circle"]), (answers[1] - 1, ["circle"])]              # "How many shapes": no word
+    hops = [(answers[0] - 1, ["circle"]), (answers[1] - 1, ["circle"]), (answers[2] - 1, ["shapes"])]
     assert hop(train.ANSWER_TO_WORD, words) == hop(train.ANSWER_TO_PLACE, words) == hops
     # where the words' objects are: in layer 1 the same words look at the same tokens, and at the image's last one
     assert hop(train.WORD_TO_PLACE) == objects
@@ -361,7 +407,7 @@ def test_cell_labels_name_the_shapes_under_the_merged_tokens(tok):
     processor, rng = train.nano_processor(tok), random.Random(2)
     for _ in range(20):
         scene = synthetic.draw_scene(rng, size=(224, 224))                 # = the pixel cap: no resize
-        kinds, colors, digits, places, motion = train.cell_labels(scene, processor)
+        kinds, colors, digits, places, motion, *_ = train.cell_labels(scene, processor)
         assert kinds.shape == colors.shape == digits.shape == places.shape == motion.shape == (64,)   # 8 x 8 tokens
         assert not digits.any() and not places.any() and not motion.any()
         found = {(synthetic.SHAPES[k - 1], list(synthetic.COLORS)[c - 1]) for k, c in zip(kinds.tolist(),
@@ -380,7 +426,7 @@ def test_cell_labels_name_the_shapes_under_the_merged_tokens(tok):
     for _ in range(10):                                                    # clips: one row per merged video token
         clip = synthetic.draw_clip(rng)
         rows, grid, info = processor.encode_media(synthetic.media_item(clip))
-        kinds, colors, digits, places, motion = train.cell_labels(clip, processor)
+        kinds, colors, digits, places, motion, *_ = train.cell_labels(clip, processor)
         assert kinds.shape == motion.shape == (info["tokens"],) and rows.shape[0] == 4 * info["tokens"]
         assert set(motion.tolist()) == {0, 1 + synthetic.DIRECTIONS.index(clip.direction)}
         moving = (kinds == 1 + synthetic.SHAPES.index(clip.moving.kind)) & \
@@ -404,7 +450,7 @@ def test_cell_labels_take_the_majority_class_of_each_cell(tok):
         h, w = grid[1] * processor.patch_size, grid[2] * processor.patch_size
         frames = [synthetic.clip_label_maps(item, min(2 * t, len(item.frames) - 1)) if isinstance(item, synthetic.Clip)
                   else synthetic.label_maps(item) for t in range(grid[0])]
-        for k in range(len(train.CELL_CLASSES)):
+        for k in range(len(frames[0])):                                    # the label maps' classes
             want = []
             for maps in frames:
                 pixels = maps[k].resize((w, h), Image.NEAREST).load()
@@ -446,6 +492,13 @@ def test_cell_accuracy_counts_only_the_cells_that_hold_something(tok):
         {name: 1.0 for name in train.CELL_NAMES}
     assert train.cell_accuracy(model, blind, processor, random.Random(5), "cpu", n=12) == \
         {name: 0.0 for name in train.CELL_NAMES}
+    # the picture's count is asked of every cell, background too: heads that miss it there score the shapes' share
+    count = train.CELL_NAMES.index("count")
+    off = lambda f: tuple(torch.nn.functional.one_hot(torch.where(targets[0] > 0, t, (t + 1) % n) if k == count
+                                                      else t, n).float()
+                          for k, (t, n) in enumerate(zip(targets, train.CELL_CLASSES)))
+    assert train.cell_accuracy(model, off, processor, random.Random(5), "cpu", n=12)["count"] == \
+        round((targets[0] > 0).float().mean().item(), 3) < 0.5
 
 
 def test_an_interrupted_run_resumes_after_its_last_finished_stage(tmp_path, monkeypatch):
