@@ -2,16 +2,16 @@
 
 Stage 0 stands in for the paper's starting points, in two parts: the language model warms up on text alone
 ("initialised from Qwen2"), and the ViT + merger learn to name the kind and colour of the shape, the written
-digit and its place in the number, and the motion under each merged token from dense labels ("initialised from
-DFN's ViT"). Those linear heads stay on as an auxiliary loss in stages 1 and 2 and are thrown away at the end.
+digit and its place in the number, the motion, and how many shapes the picture holds, under each merged token,
+from dense labels ("initialised from DFN's ViT"). Those linear heads stay on as an auxiliary loss in stages 1 and 2 and are thrown away at the end.
 Then come the paper's three stages (Qwen2-VL section 2.3): 1) the LLM is frozen and the ViT and merger learn
 from image-caption pairs; 2) everything trains on the mixed data; 3) the ViT is frozen and the LLM is
 instruction-tuned on ChatML conversations, with the loss on the assistant's tokens only.
 Stage 3 also teaches the LLM to look up the object a question names (the binding problem) and to say where it
 is, with two more auxiliary losses (`ground=True`, `point=True`): linear heads on the LLM's hidden states ask, at
 the words that name an object ("circle", "red"), for what the word does not say of it and for its region, at the
-visual tokens for their row and column (which only M-RoPE can tell them), and where an answer's colour is
-predicted, for that colour; attention heads are taught to point, from such a word to the object's visual tokens
+visual tokens for their row and column (which only M-RoPE can tell them), and where an answer's colour, kind
+or count is predicted, for it; attention heads are taught to point, from such a word to the object's visual tokens
 and from the answer to the word (ground_labels and point_targets say why, and what they measured).
 Run it with `python -m lab.train` (seeded; under 30 min on 2 CPU cores);
 `torchrun --nproc_per_node=N -m lab.train` runs the same script under DistributedDataParallel; `--resume` goes on
@@ -373,10 +373,9 @@ def ground_labels(examples, batch, processor) -> tuple[torch.Tensor, ...]:
     -> 91.5 %, position 64.5 -> 56 %, within the spread above)."""
     words, col = ground_words(processor.tokenizer), list(synthetic.COLORS)
     out = {name: torch.full_like(batch.input_ids, IGNORE) for name in GROUND_NAMES}
-    said = {ids[0]: k for k, ids in enumerate(processor.tokenizer.encode(c, add_special_tokens=False).ids
-                                              for c in col) if len(ids) == 1}       # "red" opening an answer
-    said_kind = {ids[0]: k for k, ids in enumerate(processor.tokenizer.encode(c, add_special_tokens=False).ids
-                                                   for c in synthetic.SHAPES) if len(ids) == 1}
+    opening = lambda names: {ids[0]: k for k, ids in enumerate(processor.tokenizer.encode(
+        n, add_special_tokens=False).ids for n in names) if len(ids) == 1}         # "red" opening an answer -> 0
+    said = {"answer colour": opening(col), "answer kind": opening(synthetic.SHAPES)}
     user, answer = turn_header(processor, "user"), turn_header(processor, "assistant")
     for b, spans in enumerate(image_spans(examples, batch, processor)):
         for start, h, w in spans:
@@ -387,16 +386,15 @@ def ground_labels(examples, batch, processor) -> tuple[torch.Tensor, ...]:
         if len(ex["world"]) != 1 or not isinstance(ex["world"][0], synthetic.Scene):
             continue                                  # text only, two images or a clip: no words to ground
         shapes, row = ex["world"][0].shapes, batch.input_ids[b].tolist()
-        for i in header_ends(row, answer):
-            if i + 1 < len(row) and row[i + 1] in said:
-                out["answer colour"][b, i] = said[row[i + 1]]
-            if i + 1 < len(row) and row[i + 1] in said_kind:
-                out["answer kind"][b, i] = said_kind[row[i + 1]]
         questions, answers, asked = set(header_ends(row, user)), set(header_ends(row, answer)), None
+        for i in answers:
+            for name, first in said.items():
+                if i + 1 < len(row) and row[i + 1] in first:
+                    out[name][b, i] = first[row[i + 1]]
         for i, token in enumerate(row):
-            if i in questions or i in answers:       # a count question's answer: the count of its plural
-                if i in answers and asked is not None:
-                    out["answer count"][b, i] = asked
+            if i in answers and asked is not None:    # a count question's answer: the count of its plural
+                out["answer count"][b, i] = asked
+            if i in questions or i in answers:        # a new turn: no plural asked yet
                 asked = None
             what, name = words.get(token, (None, None))
             if what in ("kinds", "all"):
