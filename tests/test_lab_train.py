@@ -89,7 +89,8 @@ def test_stage_freezing_trains_only_its_parts(tok):
 
 
 def _scene(*shapes):
-    """A scene holding these (kind, colour, region) shapes; ground_labels reads only the shapes, not the picture."""
+    """A scene holding these (kind, colour, region) shapes; ground_labels reads only the shapes (and their boxes,
+    for the visual tokens' labels), not the picture."""
     from PIL import Image
     return synthetic.Scene(Image.new("RGB", (112, 112), "white"),
                            tuple(synthetic.Shape(k, c, r, (0, 0, 30, 30)) for k, c, r in shapes), None)
@@ -122,6 +123,8 @@ def test_ground_labels_name_the_one_object_a_word_names(tok):
     assert named("kind", 1) == {"blue": kinds.index("square")} and named("colour", 1) == {}
     assert named("kind", 2) == {"green": kinds.index("square")}
     assert named("colour", 2) == {}                  # "green square": the colour is the word before, no look-up
+    assert named("colour before", 2) == {"square": colours.index("green")}         # ... carried over instead
+    assert all(named("colour before", b) == {} for b in (0, 1, 3, 4, 5, 6, 7))
     assert named("count", 3) == {"squares": 2} and named("count", 4) == {"shapes": 3}
     assert named("count", 6) == {"triangles": 0}
     assert named("colour", 5) == {}                                   # two squares: "the square" names none
@@ -231,6 +234,50 @@ def test_ground_labels_give_each_visual_token_the_row_and_column_m_rope_gives_it
     assert tables["column"][0].max() == 336 // 28 - 1 and tables["row"][0][image[0]].max() == 280 // 28 - 1
 
 
+def test_ground_labels_give_each_visual_token_of_a_scene_its_kind_and_colour(tok):
+    """Oracle: the cell labels (the ViT warm-up's dense labels) of the scene, on its visual tokens, and nothing on
+    the text; no such labels in a chat about two pictures or a clip (nothing asks there which object is which)."""
+    processor, rng = train.nano_processor(tok), random.Random(5)
+    scene, other, clip = synthetic.draw_scene(rng, n_shapes=3), synthetic.draw_scene(rng), synthetic.draw_clip(rng)
+    text = lambda t: {"type": "text", "text": t}
+    examples = [{"messages": [{"role": "user", "content": [synthetic.media_item(scene), text("Hi")]}],
+                 "world": (scene,)},
+                {"messages": [{"role": "user", "content": [synthetic.media_item(scene), synthetic.media_item(other),
+                                                          text("Which image has more shapes?")]}],
+                 "world": (scene, other)},
+                {"messages": [{"role": "user", "content": [synthetic.media_item(clip), text("Hi")]}],
+                 "world": (clip,)}]
+    batch = processor.batch([ex["messages"] for ex in examples], add_generation_prompt=True)
+    tables = dict(zip(train.GROUND_NAMES, train.ground_labels(examples, batch, processor)))
+    kind, colour, *_ = train.cell_labels(scene, processor)
+    image = batch.input_ids[0] == processor.image_token_id
+    assert torch.equal(tables["token kind"][0][image], kind) and torch.equal(tables["token colour"][0][image], colour)
+    assert (kind > 0).any() and (kind == 0).any() and (colour > 0).sum() == (kind > 0).sum()
+    assert (tables["token kind"][0][~image] == train.IGNORE).all()
+    assert all((tables[name][1:] == train.IGNORE).all() for name in ("token kind", "token colour"))
+
+
+def test_ground_labels_ask_both_words_of_a_region_answer_for_the_region(tok):
+    """Where the words of a position answer are predicted ("top left.": "top" and " left", not "."), the region;
+    "right." has one word; no target where other answers are predicted."""
+    processor = train.nano_processor(tok)
+    scene = _scene(("circle", "red", "top left"), ("square", "blue", "right"))
+    turns = [("Where is the red circle?", "top left."), ("What color is the circle?", "red."),
+             ("Where is the blue square?", "right.")]
+    messages = []
+    for i, (question, answer) in enumerate(turns):
+        messages += [{"role": "user", "content": ([synthetic.media_item(scene)] if i == 0 else []) +
+                      [{"type": "text", "text": question}]}, {"role": "assistant", "content": answer}]
+    batch, labels = train.make_batch(processor, [{"messages": messages, "world": (scene,)}], "assistant")
+    table = dict(zip(train.GROUND_NAMES, train.ground_labels([{"messages": messages, "world": (scene,)}], batch,
+                                                              processor)))["answer region"][0]
+    marked = (table != train.IGNORE).nonzero()[:, 0]
+    regions = synthetic.REGIONS.index
+    assert [(tok.decode([int(batch.input_ids[0, i + 1])]), int(table[i])) for i in marked] == \
+        [("top", regions("top left")), (" left", regions("top left")), ("right", regions("right"))]
+    assert all(labels[0, i + 1] != train.IGNORE for i in marked)         # each predicts a word of the answer
+
+
 def test_grounding_heads_read_the_llm_after_their_layers(tok):
     """Each grounding head's loss reaches the LLM's layers below the point GROUNDS says it reads, and nothing
     above them: the hooks read the right layers' outputs."""
@@ -253,7 +300,8 @@ def test_grounding_heads_read_the_llm_after_their_layers(tok):
         assert reached == set(range(after)), name
         assert ground.heads[head].weight.grad is not None
     tested = {name for (name, *_), t in zip(train.GROUNDS, targets) if (t != train.IGNORE).any()}
-    assert {"colour", "region", "row"} <= tested and {g[2] for g in train.GROUNDS} == {1, 2}
+    assert {"colour", "region", "row", "token kind", "answer region"} <= tested
+    assert {g[2] for g in train.GROUNDS} == {1, 2, 3}
     assert not any(layer._forward_hooks for layer in model.model.layers)    # the hooks are gone afterwards
 
 
@@ -267,9 +315,9 @@ def _three_kinds_scene(seed=0):
 
 
 def test_point_targets_mark_the_named_object_and_the_question_word():
-    """Layer 0: at "circle" the circle's visual tokens (from the cell labels), at "red circle" only a red one, at
-    "shapes" every shape's; layer 1: at the position that predicts each answer, the question's last object word;
-    nothing in the last answer, in a chat about a clip or without a picture."""
+    """Layer 0: at "circle" (also in "red circle") the circle's visual tokens (from the cell labels; one circle here,
+    two in the next test), at "shapes" every shape's; layer 1: at the position that predicts each answer, the
+    question's last object word; nothing in the last answer, in a chat about a clip or without a picture."""
     model, processor = q.load(train.NANO_DIR, device="cpu")
     scene = _three_kinds_scene()
     circle = next(s for s in scene.shapes if s.kind == "circle")
@@ -315,6 +363,38 @@ def test_point_targets_mark_the_named_object_and_the_question_word():
     assert all(i < answers[-1] for _, _, _, i, _ in marks)             # the caption's words are not marked
     assert {m[:2] for m in marks} == {train.WORD_TO_OBJECT, train.WORD_TO_PLACE, train.WORD_TO_CORNER,
                                       train.ANSWER_TO_WORD, train.ANSWER_TO_PLACE}
+
+
+def test_point_targets_find_the_red_circle_by_both_words_in_layer_1():
+    """With two circles, "circle" in "Where is the red circle?" looks in layer 0 at both (its query knows only its
+    own word there) and in layer 1 at the red one alone (by then it knows the word before); every word of the
+    answer ("top", " left") looks at the question's word."""
+    from PIL import Image
+    processor = q.load(train.NANO_DIR, device="cpu")[1]
+    shapes = (synthetic.Shape("circle", "red", "top left", (10, 10, 70, 70)),
+              synthetic.Shape("circle", "blue", "bottom right", (150, 150, 210, 210)),
+              synthetic.Shape("square", "red", "top right", (150, 10, 210, 70)))
+    scene = synthetic.Scene(Image.new("RGB", (224, 224), "white"), shapes, None)
+    messages = [{"role": "user", "content": [synthetic.media_item(scene), {"type": "text",
+                                                                          "text": "Where is the red circle?"}]},
+                {"role": "assistant", "content": "top left."}, {"role": "user", "content": "Describe the image."},
+                {"role": "assistant", "content": synthetic.describe(scene)}]
+    examples = [{"messages": messages, "world": (scene,)}]
+    batch, _ = train.make_batch(processor, examples, "assistant")
+    marks = train.point_targets(examples, batch, processor)
+    ids = batch.input_ids[0]
+    word = lambda i: processor.tokenizer.decode([int(ids[i])])
+    start = ids.tolist().index(processor.image_token_id)
+    kind, colour, *_ = train.cell_labels(scene, processor, batch.image_grid_thw[0].tolist())
+    cells = lambda where: set((start + where.nonzero()[:, 0]).tolist())
+    circles = cells(kind == 1 + synthetic.SHAPES.index("circle"))
+    red = cells(colour == 1 + list(synthetic.COLORS).index("red"))
+    hop = lambda which: {word(i).strip(): set(k.tolist()) for layer, head, _, i, k in marks if (layer, head) == which}
+    assert hop(train.WORD_TO_OBJECT) == {"red": red, "circle": circles}
+    assert hop(train.WORD_TO_PLACE) == {"red": red, "circle": circles & red} and circles & red < circles
+    predicts = [(word(i + 1), word(int(k))) for layer, head, _, i, k in marks
+                if (layer, head) == train.ANSWER_TO_WORD]
+    assert predicts == [("top", " circle"), (" left", " circle")]
 
 
 def test_point_loss_is_the_attention_the_model_computed():
