@@ -342,7 +342,23 @@ def image_spans(examples, batch, processor) -> list[list[tuple[int, int, int]]]:
     return out
 
 
-def ground_labels(examples, batch, processor) -> tuple[torch.Tensor, ...]:
+def scene_cells(examples, batch, processor) -> list:
+    """Per row of a batch: for a chat about one scene, (its image's first token, merged rows h, merged columns w,
+    kind (h*w,), colour (h*w,)): the scene's cell labels (cell_labels) on the merged grid, in the LLM's token order;
+    None for any other row (text only, two images, a clip). ground_labels and point_targets both read it, so
+    train_stage makes it once per batch."""
+    out, m = [], processor.merge_size
+    for ex, spans in zip(examples, image_spans(examples, batch, processor)):
+        if len(ex["world"]) != 1 or not isinstance(ex["world"][0], synthetic.Scene):
+            out.append(None)
+            continue
+        start, h, w = spans[0]
+        kind, colour, *_ = cell_labels(ex["world"][0], processor, [1, h * m, w * m])   # (h*w,) class per merged token
+        out.append((start, h, w, kind, colour))
+    return out
+
+
+def ground_labels(examples, batch, processor, cell_maps=None) -> tuple[torch.Tensor, ...]:
     """The grounding heads' targets, one (B, L) class table per head of GROUNDS, IGNORE where a token has none:
     - at each word of a chat about one scene that names exactly one of its shapes ("circle", "red", "the red
       circle"), what the word does not say of that shape (at a kind word its colour, at a colour word its kind),
@@ -407,23 +423,22 @@ def ground_labels(examples, batch, processor) -> tuple[torch.Tensor, ...]:
     word alone 55 %; every answer word pointing and the region answer 52 %; all of it with the colour before asked
     on the colour head (not a head of its own) 72.5 %, but colour questions fell to 93.5 %."""
     words, col = ground_words(processor.tokenizer), list(synthetic.COLORS)
+    cell_maps = scene_cells(examples, batch, processor) if cell_maps is None else cell_maps
     out = {name: torch.full_like(batch.input_ids, IGNORE) for name in GROUND_NAMES}
     opening = lambda names: {ids[0]: k for k, ids in enumerate(processor.tokenizer.encode(
         n, add_special_tokens=False).ids for n in names) if len(ids) == 1}         # "red" opening an answer -> 0
     said = {"answer colour": opening(col), "answer kind": opening(synthetic.SHAPES)}
     user, answer = turn_header(processor, "user"), turn_header(processor, "assistant")
-    spans_of = image_spans(examples, batch, processor)
-    for b, spans in enumerate(spans_of):
+    for b, spans in enumerate(image_spans(examples, batch, processor)):
         for start, h, w in spans:
             cell = torch.arange(h * w)                                       # merged tokens in raster order
             out["row"][b, start:start + h * w] = (cell // w).clamp(max=GRID_SIDE - 1)
             out["column"][b, start:start + h * w] = (cell % w).clamp(max=GRID_SIDE - 1)
-    for b, ex in enumerate(examples):
-        if len(ex["world"]) != 1 or not isinstance(ex["world"][0], synthetic.Scene):
+    for b, (ex, scene) in enumerate(zip(examples, cell_maps)):
+        if scene is None:
             continue                                  # text only, two images or a clip: no words to ground
         shapes, row = ex["world"][0].shapes, batch.input_ids[b].tolist()
-        (start, h, w), m = spans_of[b][0], processor.merge_size
-        kind, colour, *_ = cell_labels(ex["world"][0], processor, [1, h * m, w * m])   # (n,) class per merged token
+        start, h, w, kind, colour = scene                                  # kind, colour: (h*w,) per merged token
         out["token kind"][b, start:start + h * w], out["token colour"][b, start:start + h * w] = kind, colour
         questions, answers, asked = set(header_ends(row, user)), set(header_ends(row, answer)), None
         told = [msg["content"].rstrip(".") for msg in ex["messages"] if msg["role"] == "assistant"]
@@ -484,7 +499,7 @@ WORD_TO_CORNER = (1, 2)   # ... and -> the image's last visual token, which know
 ANSWER_TO_PLACE = (2, 0)  # the answer -> the word again (after layer 1 it holds where the object is)
 
 
-def point_targets(examples, batch, processor) -> list[tuple[int, int, int, int, torch.Tensor]]:
+def point_targets(examples, batch, processor, cell_maps=None) -> list[tuple[int, int, int, int, torch.Tensor]]:
     """Where the pointing heads should look: (layer, head, row, query position, key positions) per target.
 
     In a chat about one scene, at every word that names objects of it ("circle", "red", "squares", "shapes" all of
@@ -505,11 +520,10 @@ def point_targets(examples, batch, processor) -> list[tuple[int, int, int, int, 
     words, kinds, colours = ground_words(processor.tokenizer), list(synthetic.SHAPES), list(synthetic.COLORS)
     user, answer = turn_header(processor, "user"), turn_header(processor, "assistant")
     out = []
-    for b, (ex, spans) in enumerate(zip(examples, image_spans(examples, batch, processor))):
-        if len(ex["world"]) != 1 or not isinstance(ex["world"][0], synthetic.Scene):
+    for b, scene in enumerate(scene_cells(examples, batch, processor) if cell_maps is None else cell_maps):
+        if scene is None:
             continue                          # text only, two images or a clip: nothing to point at
-        (start, h, w), row, m = spans[0], batch.input_ids[b].tolist(), processor.merge_size
-        kind, colour, *_ = cell_labels(ex["world"][0], processor, [1, h * m, w * m])   # (n,) class per merged token
+        (start, h, w, kind, colour), row = scene, batch.input_ids[b].tolist()   # kind, colour: (h*w,) per token
         corner = torch.tensor([start + h * w - 1])
         questions, answers = set(header_ends(row, user)), header_ends(row, answer)
         # who is speaking (the image opens the first user turn), and the latest word of this question naming objects
@@ -713,10 +727,11 @@ def train_stage(model, processor, stage, rng, batch_size, device, pos_mode, rank
             examples = next(data)
             batch, labels = make_batch(processor, examples, stage.loss_on)
             chat, labels = chat_inputs(batch.to(device), model.config, pos_mode), labels.to(device)
+            cell_maps = scene_cells(examples, batch, processor) if stage.ground or stage.point else None
             if stage.ground:
-                ground_marks = tuple(t.to(device) for t in ground_labels(examples, batch, processor))
+                ground_marks = tuple(t.to(device) for t in ground_labels(examples, batch, processor, cell_maps))
             if stage.point:
-                marks = point_targets(examples, batch, processor)
+                marks = point_targets(examples, batch, processor, cell_maps)
         if stage.cells:
             scenes, targets = scene_batch(processor, rng, max(1, stage.cells // world), device)
         logits, cells, grounded, pointed = net(chat, scenes, marks)
