@@ -59,8 +59,8 @@ def failure_lines(f: dict, asked: str) -> list[str]:
         what = "colour" if NAMED[cat] == "color" else NAMED[cat]          # the Shape attribute, in the card's words
         one, many = by[cat].get("1"), [by[cat][k] for k in ("2", "3") if k in by[cat]]
         if wrong:
-            words.append(f"{named} of the {wrong} wrong {cat} answers name the {what} of another shape "
-                         "in the scene.")
+            answers = "answer names" if wrong == 1 else f"answers {'names' if named == 1 else 'name'}"
+            words.append(f"{named} of the {wrong} wrong {cat} {answers} the {what} of another shape in the scene.")
         if one and many and one[0] / one[1] >= 0.9 and sum(r for r, _ in many) / sum(n for _, n in many) < 0.8 \
                 and wrong and named >= 0.8 * wrong:
             words.append(f"Asked about one shape, the model is right {one[0] / one[1]:.0%} of the time; with more "
@@ -184,8 +184,10 @@ def write_card(ckpt: Path = NANO_DIR) -> Path:
                   "(`lab.train.ground_labels`).",
                   "Attention heads are taught to point (`lab.train.point_targets`): in layer 0 from such a word (or a",
                   "plural) to the objects' visual tokens, in layer 1 from the word to them again (now they know where",
-                  "they sit; \"circle\" in \"the red circle\" to the red one only) and to the image's last token (it",
-                  "knows the grid's size), and in layers 1 and 2 from every word of the answer to the question's word.",
+                  "they sit; \"circle\" in \"the red circle\" to the red one only; each token by how much of it the",
+                  "shape covers, so that the average of their rows and columns is the shape's centre) and to the",
+                  "image's last token (it knows the grid's size), and in layers 1 and 2 from every word of the answer",
+                  "to the question's word.",
                   "Why the rows and columns: the ViT cannot know where anything is",
                   "(no absolute position embedding, and on a plain background every background patch is the same);",
                   "only M-RoPE gives a visual token its row and column, in the LLM. The grounding heads are thrown",

@@ -236,6 +236,22 @@ CELL_NAMES = ("kind", "colour", "digit", "place", "motion", "count", "kind count
 CELL_WEIGHTS = (1.0, 1.0, 1.0, 1.0, 1.0, 0.3, 0.3)   # the counts at 0.3: at 1.0 they slowed the others (below)
 
 
+def resized(label_map, h: int, w: int) -> torch.Tensor:
+    """A label map (PIL "L") resized to the media's h x w pixels as the processor resizes it: (h, w) long classes."""
+    from PIL import Image
+    return torch.frombuffer(bytearray(label_map.resize((w, h), Image.NEAREST).tobytes()), dtype=torch.uint8).view(
+        h, w).long()
+
+
+def cell_pixels(classes: torch.Tensor, n: int, side: int) -> torch.Tensor:
+    """(h, w) classes in [0, n) -> (cells, n): how many pixels of each class each side x side merged token holds."""
+    h, w = classes.shape
+    # (h, w) -> (h/28, 28, w/28, 28) -> (cells, 784): the pixels of each merged token, in raster order
+    cells = classes.view(h // side, side, w // side, side).permute(0, 2, 1, 3).reshape(-1, side * side)
+    slot = cells + n * torch.arange(len(cells)).unsqueeze(1)            # (cells, 784): (cell, class) -> one bin
+    return torch.bincount(slot.flatten(), minlength=len(cells) * n).view(-1, n)
+
+
 def cell_labels(item, processor, grid=None) -> tuple[torch.Tensor, ...]:
     """(kind, colour, digit, place, motion) class under each merged 28x28 token of a Scene or a Clip, (n,) each,
     in the ViT's order (temporal patch, row, column); a cell takes the class covering most of it if that covers
@@ -255,7 +271,6 @@ def cell_labels(item, processor, grid=None) -> tuple[torch.Tensor, ...]:
     count: "shapes" in point_targets, the answer's count in ground_labels) answers 91.5 % of count questions
     (84 % before; three shapes 53 of 69, before 46) and 98.5 % of "Which image has more shapes?" (80.5 %).
     The price: the kind head is right under 84 % of the shapes' cells (91 % before)."""
-    from PIL import Image
     clip = isinstance(item, synthetic.Clip)
     if grid is None:
         grid = processor.encode_media(synthetic.media_item(item))[1][0].tolist()
@@ -266,11 +281,7 @@ def cell_labels(item, processor, grid=None) -> tuple[torch.Tensor, ...]:
         maps = synthetic.clip_label_maps(item, min(2 * t, len(item.frames) - 1)) if clip else synthetic.label_maps(item)
         out = []
         for label_map, n in zip(maps, CELL_CLASSES):
-            a = torch.frombuffer(bytearray(label_map.resize((w, h), Image.NEAREST).tobytes()), dtype=torch.uint8)
-            # (h, w) -> (h/28, 28, w/28, 28) -> (cells, 784): the pixels of each merged token
-            cells = a.view(h // side, side, w // side, side).permute(0, 2, 1, 3).reshape(-1, side * side).long()
-            slot = cells + n * torch.arange(len(cells)).unsqueeze(1)    # (cells, 784): (cell, class) -> one bin
-            counts = torch.bincount(slot.flatten(), minlength=len(cells) * n).view(-1, n)   # (cells, n) pixels
+            counts = cell_pixels(resized(label_map, h, w), n, side)    # (cells, n) pixels of each class
             counts[:, 0] = 0                                            # background only where nothing else is
             best = counts.max(1)
             out.append(torch.where(best.values * 16 >= side * side, best.indices, 0))
@@ -310,7 +321,9 @@ GROUNDS = (("colour", len(synthetic.COLORS), 1, 1.0),   # at a word naming one o
            ("answer region", len(synthetic.REGIONS), 3, 1.0),  # where a region's words are predicted: the region
            ("token kind", len(synthetic.SHAPES) + 1, 1, 1.0),   # at every visual token of a scene: its kind ...
            ("token colour", len(synthetic.COLORS) + 1, 1, 1.0),  # ... and colour (0 = none), kept for layer 1
-           ("colour before", len(synthetic.COLORS), 1, 1.0))    # at "circle" in "the red circle": red, carried
+           ("colour before", len(synthetic.COLORS), 1, 1.0),    # at "circle" in "the red circle": red, carried
+           ("centre row", 12, 2, 1.0),                  # at a word naming one object: its centre's row, in twelfths
+           ("centre column", 12, 2, 1.0))               # ... and column, finer than the region's thirds
 GROUND_NAMES = tuple(g[0] for g in GROUNDS)
 
 
@@ -344,8 +357,9 @@ def image_spans(examples, batch, processor) -> list[list[tuple[int, int, int]]]:
 
 def scene_cells(examples, batch, processor) -> list:
     """Per row of a batch: for a chat about one scene, (its image's first token, merged rows h, merged columns w,
-    kind (h*w,), colour (h*w,)): the scene's cell labels (cell_labels) on the merged grid, in the LLM's token order;
-    None for any other row (text only, two images, a clip). ground_labels and point_targets both read it, so
+    kind (h*w,), colour (h*w,), cover (h*w, 1 + kinds, 1 + colours)): the scene's cell labels (cell_labels) on the
+    merged grid, in the LLM's token order, and the share of each token's pixels of each kind and colour; None for
+    any other row (text only, two images, a clip). ground_labels and point_targets both read it, so
     train_stage makes it once per batch."""
     out, m = [], processor.merge_size
     for ex, spans in zip(examples, image_spans(examples, batch, processor)):
@@ -354,7 +368,12 @@ def scene_cells(examples, batch, processor) -> list:
             continue
         start, h, w = spans[0]
         kind, colour, *_ = cell_labels(ex["world"][0], processor, [1, h * m, w * m])   # (h*w,) class per merged token
-        out.append((start, h, w, kind, colour))
+        side, (kinds, colours) = m * processor.patch_size, synthetic.label_maps(ex["world"][0])[:2]
+        n = len(synthetic.COLORS) + 1
+        # one class per pixel for its (kind, colour) pair: kind * n + colour, 0 = background
+        both = resized(kinds, h * side, w * side) * n + resized(colours, h * side, w * side)   # (h*28, w*28)
+        cover = cell_pixels(both, n * (len(synthetic.SHAPES) + 1), side).view(h * w, -1, n) / side ** 2
+        out.append((start, h, w, kind, colour, cover))            # cover: (h*w, 1 + kinds, 1 + colours) share
     return out
 
 
@@ -362,7 +381,8 @@ def ground_labels(examples, batch, processor, cell_maps=None) -> tuple[torch.Ten
     """The grounding heads' targets, one (B, L) class table per head of GROUNDS, IGNORE where a token has none:
     - at each word of a chat about one scene that names exactly one of its shapes ("circle", "red", "the red
       circle"), what the word does not say of that shape (at a kind word its colour, at a colour word its kind),
-      and where it is (its region); at a plural ("circles", "shapes"), how many there are;
+      and where it is (its region, and its centre's row and column in twelfths of the picture); at a plural
+      ("circles", "shapes"), how many there are;
     - at every visual token of every image, its merged row and column in the image's grid; in a chat about one
       scene also its kind and colour (its cell labels), read after 1 layer like the row and column;
     - at "circle" in "the red circle", the colour of the word before it ("colour before", after 1 layer);
@@ -421,7 +441,15 @@ def ground_labels(examples, batch, processor, cell_maps=None) -> tuple[torch.Ten
     other data orders 53.5 and 69 %, where the old targets gave 48 and 57.5 %: single runs of this stage vary by 20
     points). Parts alone, from the same weights: the visual tokens' labels, the region answer and layer 0 by the
     word alone 55 %; every answer word pointing and the region answer 52 %; all of it with the colour before asked
-    on the colour head (not a head of its own) 72.5 %, but colour questions fell to 93.5 %."""
+    on the colour head (not a head of its own) 72.5 %, but colour questions fell to 93.5 %.
+
+    Why the centre in twelfths: a region is a third of the picture, and most wrong regions were a row or a column
+    off for a shape close to a third's edge (one-shape pictures: every miss within 0.75 of a token of the edge).
+    The region's nine classes say only which side of the edge; the centre's twelve say how far, a finer target
+    for the same average of rows and columns (with the shares of point_targets, the average is the centre).
+    Stage 3 from the same stage-2 weights, two data orders: position 87 / 84.5 % without the shares and these
+    heads, 90 / 84.5 % with both; colour 99 / 95.5 -> 95 / 93 % (single runs of this stage vary by several points,
+    so the gain is smaller than the spread; the price in colour showed in both orders)."""
     words, col = ground_words(processor.tokenizer), list(synthetic.COLORS)
     cell_maps = scene_cells(examples, batch, processor) if cell_maps is None else cell_maps
     out = {name: torch.full_like(batch.input_ids, IGNORE) for name in GROUND_NAMES}
@@ -438,7 +466,7 @@ def ground_labels(examples, batch, processor, cell_maps=None) -> tuple[torch.Ten
         if scene is None:
             continue                                  # text only, two images or a clip: no words to ground
         shapes, row = ex["world"][0].shapes, batch.input_ids[b].tolist()
-        start, h, w, kind, colour = scene                                  # kind, colour: (h*w,) per merged token
+        start, h, w, kind, colour, _ = scene                               # kind, colour: (h*w,) per merged token
         out["token kind"][b, start:start + h * w], out["token colour"][b, start:start + h * w] = kind, colour
         questions, answers, asked = set(header_ends(row, user)), set(header_ends(row, answer)), None
         told = [msg["content"].rstrip(".") for msg in ex["messages"] if msg["role"] == "assistant"]
@@ -469,6 +497,9 @@ def ground_labels(examples, batch, processor, cell_maps=None) -> tuple[torch.Ten
                 continue
             if len(named) == 1:
                 out["region"][b, i] = synthetic.REGIONS.index(named[0].region)
+                (x0, y0, x1, y1), (cw, ch) = named[0].box, ex["world"][0].image.size
+                out["centre row"][b, i] = min(11, int((y0 + y1) / 2 * 12 / ch))
+                out["centre column"][b, i] = min(11, int((x0 + x1) / 2 * 12 / cw))
                 if what == "color":
                     out["kind"][b, i] = synthetic.SHAPES.index(named[0].kind)
                 elif before[0] != "color":            # the colour it looked up
@@ -499,8 +530,9 @@ WORD_TO_CORNER = (1, 2)   # ... and -> the image's last visual token, which know
 ANSWER_TO_PLACE = (2, 0)  # the answer -> the word again (after layer 1 it holds where the object is)
 
 
-def point_targets(examples, batch, processor, cell_maps=None) -> list[tuple[int, int, int, int, torch.Tensor]]:
-    """Where the pointing heads should look: (layer, head, row, query position, key positions) per target.
+def point_targets(examples, batch, processor, cell_maps=None) -> list[tuple]:
+    """Where the pointing heads should look: (layer, head, row, query position, key positions (n,), shares (n,) or
+    None) per target; None: any split of the weight among the keys will do.
 
     In a chat about one scene, at every word that names objects of it ("circle", "red", "squares", "shapes" all of
     them), head WORD_TO_OBJECT should put its weight on those objects' visual tokens (whose ViT features say how
@@ -510,20 +542,28 @@ def point_targets(examples, batch, processor, cell_maps=None) -> list[tuple[int,
     word looks at the objects again (WORD_TO_PLACE; "circle" in "the red circle" now at the red one only, as it
     knows the word before: ground_labels) and at the image's last token (WORD_TO_CORNER), and in layer 2 the
     answer fetches the word once more (ANSWER_TO_PLACE). (The words of the last answer, after the last question,
-    are not marked, as in the runs that measured this.)
+    are not marked, as in the runs that measured this.) WORD_TO_PLACE alone asks for a split: each token that the
+    named shape covers, by how much of it the shape covers (below).
 
     Why layer 0 for the look-up: at the merger's output a visual token's kind is a fifth of its variance, but
     after the LLM's first layer the colour features it adds leave the kind 3 % (measured on an earlier nano), so
     the look-up by kind has to happen in layer 0, and it can only happen at the word, where the kind is known.
     Why layer 1 for the place: a visual token learns its row and column in layer 0 (ground_labels), so only
-    from layer 1 on do its values carry where it is."""
+    from layer 1 on do its values carry where it is.
+    Why the shares: the word reads the shape's row and column as the average over the tokens it looks at, which
+    is the shape's centre only if each token counts by how much of the shape it holds. With the weight spread
+    anyhow over the shape's tokens the average is off by up to half a token, and a region is a third of the grid,
+    which on a small picture is 1.3 tokens: a shape's region was named right 7 times in 12 when its centre lay
+    within half a token of a third's edge. The word's query cannot see the pixels, but the keys can: the ViT's
+    tokens show how much of them a shape fills. Stage 3 from the same stage-2 weights (position questions at 2.5,
+    one data order): position 87 -> 89 % with the shares (within half a token of an edge 7 -> 9 of 12 right)."""
     words, kinds, colours = ground_words(processor.tokenizer), list(synthetic.SHAPES), list(synthetic.COLORS)
     user, answer = turn_header(processor, "user"), turn_header(processor, "assistant")
     out = []
     for b, scene in enumerate(scene_cells(examples, batch, processor) if cell_maps is None else cell_maps):
         if scene is None:
             continue                          # text only, two images or a clip: nothing to point at
-        (start, h, w, kind, colour), row = scene, batch.input_ids[b].tolist()   # kind, colour: (h*w,) per token
+        (start, h, w, kind, colour, cover), row = scene, batch.input_ids[b].tolist()   # (h*w,) per token
         corner = torch.tensor([start + h * w - 1])
         questions, answers = set(header_ends(row, user)), header_ends(row, answer)
         # who is speaking (the image opens the first user turn), and the latest word of this question naming objects
@@ -535,38 +575,38 @@ def point_targets(examples, batch, processor, cell_maps=None) -> list[tuple[int,
                 if last is not None:
                     word = torch.tensor([last])
                     for k in answer_words(row, i, processor):     # every word of the answer looks the word up
-                        out += [(*ANSWER_TO_WORD, b, k, word), (*ANSWER_TO_PLACE, b, k, word)]
+                        out += [(*ANSWER_TO_WORD, b, k, word, None), (*ANSWER_TO_PLACE, b, k, word, None)]
                 speaker, last = "assistant", None
             what, name = words.get(row[i], (None, None))
-            narrowed = None
-            if what == "all":                                  # "shapes", "objects": every shape
-                cells = kind > 0
-            elif what in ("kind", "kinds"):
-                cells = kind == 1 + kinds.index(name)
+            share = cover[:, 1:, 1:]                           # (h*w, kinds, colours): what the word may name
+            if what in ("kind", "kinds"):
+                cells, share = kind == 1 + kinds.index(name), share[:, kinds.index(name)]
                 before = words.get(row[i - 1], (None, None))
                 if before[0] == "color":                       # "the red circle": the red one (layer 1 only)
-                    narrowed = cells & (colour == 1 + colours.index(before[1]))
+                    share = share[:, colours.index(before[1])]
             elif what == "color":
-                cells = colour == 1 + colours.index(name)
+                cells, share = colour == 1 + colours.index(name), share[:, :, colours.index(name)]
+            elif what == "all":                                # "shapes", "objects": every shape
+                cells = kind > 0
             else:
                 continue
+            share = share.reshape(h * w, -1).sum(1)            # (h*w,): how much of each token the named shapes cover
             if cells.any():
-                objects = start + cells.nonzero()[:, 0]
-                out.append((*WORD_TO_OBJECT, b, i, objects))
-                if narrowed is not None and narrowed.any():
-                    objects = start + narrowed.nonzero()[:, 0]
-                if speaker == "user":
-                    last = i
-                    out += [(*WORD_TO_PLACE, b, i, objects), (*WORD_TO_CORNER, b, i, corner)]
+                out.append((*WORD_TO_OBJECT, b, i, start + cells.nonzero()[:, 0], None))
+                if speaker == "user" and share.any():
+                    last, on = i, share.nonzero()[:, 0]
+                    out += [(*WORD_TO_PLACE, b, i, start + on, share[on] / share[on].sum()),
+                            (*WORD_TO_CORNER, b, i, corner, None)]
     return out
 
 
 def point_loss(attention: dict, marks) -> torch.Tensor:
-    """Mean over the marks of -log(the weight the mark's head gives its key positions): softmax(q k^T / sqrt(D)) of
-    the rotated query and keys, exactly what the layer's SDPA call computed. `attention`: layer -> (q (B, L, H*D),
+    """Mean over the marks of -log(the weight the mark's head gives its key positions), or where the mark gives
+    each key a share, the cross-entropy of the weights against the shares: softmax(q k^T / sqrt(D)) of the
+    rotated query and keys, exactly what the layer's SDPA call computed. `attention`: layer -> (q (B, L, H*D),
     k (B, L, K*D), cos (B, L, D), sin, mask (B, 1, L, L) bool or None = causal), caught by Trainee's hooks."""
     losses = []
-    for layer, head, b, i, keys in marks:
+    for layer, head, b, i, keys, share in marks:
         q, k, cos, sin, mask = attention[layer]
         D = cos.shape[-1]
         H, K = q.shape[-1] // D, k.shape[-1] // D
@@ -576,7 +616,10 @@ def point_loss(attention: dict, marks) -> torch.Tensor:
         scores = kj @ qi / math.sqrt(D)                                      # (i+1,)
         if mask is not None:                                                 # left padding
             scores = scores.masked_fill(~mask[b, 0, i, :i + 1], float("-inf"))
-        losses.append(torch.logsumexp(scores, 0) - torch.logsumexp(scores[keys.to(scores.device)], 0))
+        if share is None:       # any split among the keys: -log(their total weight)
+            losses.append(torch.logsumexp(scores, 0) - torch.logsumexp(scores[keys.to(scores.device)], 0))
+        else:                   # this split: the cross-entropy of the weights against the shares
+            losses.append(torch.logsumexp(scores, 0) - scores[keys.to(scores.device)] @ share.to(scores))
     return torch.stack(losses).mean()
 
 
@@ -676,11 +719,12 @@ TEXT_ONLY = {"text_only": 1.0, "text_document": 3.0}
 MIXED = {"caption": 1.0, "color": 0.5, "shape": 0.5, "count": 0.5, "count_kind": 0.5, "position": 0.5,
          "number": 1.0, "video_direction": 1.0, "video_color": 0.25, "two_image": 0.75, "multi_turn": 3.0,
          "text_only": 0.5}
-# Stage 3 asks three times as many position questions as stage 2: where a shape is, is the answer that needs the
+# Stage 3 asks five times as many position questions as stage 2: where a shape is, is the answer that needs the
 # most look-ups (ground_labels), and what its last step (from the answer's hidden state to the region's words) learns
-# varied most between runs. Stage 3 from the same stage-2 weights, two data orders: position 73.5 / 53.5 % with
-# MIXED, 85 / 78 % with this (count 93 / 91.5 -> 90.5 / 90.5 %, colour 99.5 / 99 -> 97 / 96.5 %).
-INSTRUCT = MIXED | {"position": 1.5}
+# varied most between runs. Stage 3 from the same stage-2 weights, two data orders (before the shares of
+# point_targets): position 73.5 / 53.5 % with MIXED, 85 / 78 % at weight 1.5, 87 / 84.5 % at 2.5 (colour 99 / 95.5,
+# count 93 / 89.5 %); at 3.5 87 % with colour down to 92 % (one order).
+INSTRUCT = MIXED | {"position": 2.5}
 STAGES = (
     Stage("0 text warm-up", 300, 2e-3, ("model",), "text", TEXT_ONLY),
     Stage("0 ViT warm-up, cell labels", 1200, 1e-3, ("visual",), "cells", cells=8),

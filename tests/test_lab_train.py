@@ -89,11 +89,12 @@ def test_stage_freezing_trains_only_its_parts(tok):
 
 
 def _scene(*shapes):
-    """A scene holding these (kind, colour, region) shapes; ground_labels reads only the shapes (and their boxes,
-    for the visual tokens' labels), not the picture."""
+    """A 112 x 112 scene holding these (kind, colour, region) shapes, each a 30 px box in the middle of its region;
+    ground_labels reads only the shapes (and their boxes, for the visual tokens' labels), not the picture."""
     from PIL import Image
-    return synthetic.Scene(Image.new("RGB", (112, 112), "white"),
-                           tuple(synthetic.Shape(k, c, r, (0, 0, 30, 30)) for k, c, r in shapes), None)
+    corner = lambda region: [round((i + 0.5) * 112 / 3) - 15 for i in divmod(synthetic.REGIONS.index(region), 3)]
+    return synthetic.Scene(Image.new("RGB", (112, 112), "white"), tuple(
+        synthetic.Shape(k, c, r, (x, y, x + 30, y + 30)) for k, c, r in shapes for y, x in [corner(r)]), None)
 
 
 def test_nano_tokenizer_keeps_every_grounded_word_whole():
@@ -133,6 +134,10 @@ def test_ground_labels_name_the_one_object_a_word_names(tok):
     assert named("region", 2) == {"green": regions("right"), "square": regions("right")}   # "green square": that one
     assert all(named("region", b) == {} for b in (3, 4, 5, 6))        # plurals name no one place; two squares
     assert all(named(what, 7) == {} for what in train.GROUND_NAMES)  # no picture, nothing to ground
+    for b in range(7):                    # where a region is asked, also the centre in twelfths: inside that region
+        centre = [named("centre row", b), named("centre column", b)]
+        assert centre[0].keys() == centre[1].keys() == named("region", b).keys()
+        assert all(divmod(r, 3) == (centre[0][w] // 4, centre[1][w] // 4) for w, r in named("region", b).items())
 
 
 def test_ground_labels_ask_the_answer_for_the_colour_or_kind_it_says(tok):
@@ -346,7 +351,7 @@ def test_point_targets_mark_the_named_object_and_the_question_word():
     assert ids[last_image_token] == processor.image_token_id != ids[last_image_token + 1]
 
     def hop(which, keys=lambda k: set(k.tolist())):
-        return [(i, keys(k)) for layer, head, _, i, k in marks if (layer, head) == which]
+        return [(i, keys(k)) for layer, head, _, i, k, _ in marks if (layer, head) == which]
     words = lambda k: [word(j) for j in k.tolist()]
     objects = hop(train.WORD_TO_OBJECT)
     assert [(word(i), k) for i, k in objects] == [
@@ -357,10 +362,13 @@ def test_point_targets_mark_the_named_object_and_the_question_word():
     answers = [i for i in range(1, ids.shape[0]) if labels[0, i] != train.IGNORE and labels[0, i - 1] == train.IGNORE]
     hops = [(answers[0] - 1, ["circle"]), (answers[1] - 1, ["circle"]), (answers[2] - 1, ["shapes"])]
     assert hop(train.ANSWER_TO_WORD, words) == hop(train.ANSWER_TO_PLACE, words) == hops
-    # where the words' objects are: in layer 1 the same words look at the same tokens, and at the image's last one
-    assert hop(train.WORD_TO_PLACE) == objects
+    # where the words' objects are: in layer 1 the same words look at the tokens the objects cover (a few more: any
+    # share of a token counts), and at the image's last one
+    assert [i for i, _ in hop(train.WORD_TO_PLACE)] == [i for i, _ in objects]
+    assert all(cells <= keys for (_, cells), (_, keys) in zip(objects, hop(train.WORD_TO_PLACE)))
     assert hop(train.WORD_TO_CORNER) == [(i, {last_image_token}) for i, _ in objects]
-    assert all(i < answers[-1] for _, _, _, i, _ in marks)             # the caption's words are not marked
+    assert all(i < answers[-1] for _, _, _, i, _, _ in marks)          # the caption's words are not marked
+    assert all((share is None) == ((layer, head) != train.WORD_TO_PLACE) for layer, head, *_, share in marks)
     assert {m[:2] for m in marks} == {train.WORD_TO_OBJECT, train.WORD_TO_PLACE, train.WORD_TO_CORNER,
                                       train.ANSWER_TO_WORD, train.ANSWER_TO_PLACE}
 
@@ -389,17 +397,49 @@ def test_point_targets_find_the_red_circle_by_both_words_in_layer_1():
     cells = lambda where: set((start + where.nonzero()[:, 0]).tolist())
     circles = cells(kind == 1 + synthetic.SHAPES.index("circle"))
     red = cells(colour == 1 + list(synthetic.COLORS).index("red"))
-    hop = lambda which: {word(i).strip(): set(k.tolist()) for layer, head, _, i, k in marks if (layer, head) == which}
-    assert hop(train.WORD_TO_OBJECT) == {"red": red, "circle": circles}
-    assert hop(train.WORD_TO_PLACE) == {"red": red, "circle": circles & red} and circles & red < circles
-    predicts = [(word(i + 1), word(int(k))) for layer, head, _, i, k in marks
+    hop = lambda which: {word(i).strip(): (k, s) for layer, head, _, i, k, s in marks if (layer, head) == which}
+    assert {w: set(k.tolist()) for w, (k, _) in hop(train.WORD_TO_OBJECT).items()} == {"red": red, "circle": circles}
+    assert circles & red < circles
+    keys, share = hop(train.WORD_TO_PLACE)["circle"]     # layer 1: the red circle only (shares: the next test)
+    assert circles & red <= set(keys.tolist()) and not set(keys.tolist()) & (circles - red)
+    predicts = [(word(i + 1), word(int(k))) for layer, head, _, i, k, _ in marks
                 if (layer, head) == train.ANSWER_TO_WORD]
     assert predicts == [("top", " circle"), (" left", " circle")]
 
 
+def test_word_to_place_shares_average_to_the_shapes_centre():
+    """In layer 1 "circle" of "Where is the red circle?" looks at every token the circle covers, each by the share
+    of it the circle covers: the shares add up to 1, and the tokens' centres averaged by them land on the circle's
+    centre (to a tenth of a token, over 24 drawn circles and squares), where an even split over the same tokens misses it by
+    over a third of a token now and then (a region is a third of the grid: 1.3 tokens on a small picture)."""
+    processor = q.load(train.NANO_DIR, device="cpu")[1]
+    rng = random.Random(3)
+    scenes = [scene for scene in (synthetic.draw_scene(rng, n_shapes=1) for _ in range(40))
+              if scene.shapes[0].kind != "triangle"][:24]              # a triangle's centroid is below its box's centre
+    examples = [{"messages": [{"role": "user", "content": [synthetic.media_item(scene), {"type": "text", "text":
+                 f"Where is the {scene.shapes[0].color} {scene.shapes[0].kind}?"}]},
+                              {"role": "assistant", "content": f"{scene.shapes[0].region}."}], "world": (scene,)}
+                for scene in scenes]
+    batch, _ = train.make_batch(processor, examples, "assistant")
+    marks = [m for m in train.point_targets(examples, batch, processor) if m[:2] == train.WORD_TO_PLACE]
+    misses, even = [], []
+    for scene, (start, h, w), (*_, b, i, keys, share) in zip(scenes, (s[0] for s in train.image_spans(
+            examples, batch, processor)), marks[1::2]):                    # each row's second mark: at its kind word
+        assert processor.tokenizer.decode([int(batch.input_ids[b, i])]).strip() == scene.shapes[0].kind
+        assert torch.isclose(share.sum(), torch.tensor(1.0)) and (share > 0).all()
+        (x0, y0, x1, y1), (cw, ch) = scene.shapes[0].box, scene.image.size
+        centre = torch.tensor([(y0 + y1) / 2 * h / ch, (x0 + x1) / 2 * w / cw])   # in merged tokens
+        cells = torch.stack([(keys - start) // w, (keys - start) % w], 1) + 0.5   # (n, 2): the tokens' centres
+        misses.append((share @ cells - centre).abs().max())
+        even.append((cells.mean(0) - centre).abs().max())
+    assert len(misses) == len(scenes) and max(misses) < 0.1
+    assert max(even) > 0.3
+
+
 def test_point_loss_is_the_attention_the_model_computed():
     """exp(-pointing loss) of one mark equals the weight that head gave those keys in the model's own forward pass,
-    as lab.trace records it from a generation (its query and KV-cache keys)."""
+    as lab.trace records it from a generation (its query and KV-cache keys); with shares, the loss is their
+    cross-entropy with those weights."""
     from lab.trace import record_attention
     model, processor = q.load(train.NANO_DIR, device="cpu")
     scene = _three_kinds_scene(1)
@@ -413,24 +453,31 @@ def test_point_loss_is_the_attention_the_model_computed():
     # the trained hop puts almost all its weight on the word (the loss is ~1e-5, float noise at that size): also
     # ask for a weight well inside (0, 1), an untrained head's on the image tokens
     image = (batch.input_ids[0] == processor.image_token_id).nonzero()[:, 0]
-    hop += [(2, 5, 0, hop[0][3], image)]
+    hop += [(2, 5, 0, hop[0][3], image, None)]
     with torch.no_grad():
         pointed = [train.Trainee(model, None)(train.chat_inputs(batch, model.config), None, [m])[3] for m in hop]
         with record_attention(model) as rec:
             next(iter(q.generate(model, batch, 1)))
-    recorded = [rec.probs(0)[layer, head, keys].sum() for layer, head, _, _, keys in hop]
+    recorded = [rec.probs(0)[layer, head, keys].sum() for layer, head, _, _, keys, _ in hop]
     assert 0.01 < recorded[1] < 0.99
     assert all(torch.allclose(torch.exp(-p), r, rtol=1e-4) for p, r in zip(pointed, recorded))
+    # a mark with shares (WORD_TO_PLACE's kind): the cross-entropy of that head's weights against them
+    share = torch.softmax(torch.randn(len(image), generator=torch.Generator().manual_seed(0)), 0)
+    with torch.no_grad():
+        spread = train.Trainee(model, None)(train.chat_inputs(batch, model.config), None,
+                                            [(2, 5, 0, hop[0][3], image, share)])[3]
+    assert torch.allclose(spread, -(share @ rec.probs(0)[2, 5, image].log()), rtol=1e-4)
+    assert spread > pointed[1] + 1                          # not merely the total weight on those keys
     longer = {"messages": [{"role": "user", "content": [synthetic.media_item(synthetic.draw_scene(random.Random(2),
                            size=(336, 336))), {"type": "text", "text": "Describe the image in one long sentence."}]}],
               "world": ()}
     padded = processor.batch([longer["messages"], examples[0]["messages"]], add_generation_prompt=True)
     shift = padded.input_ids.shape[1] - batch.input_ids.shape[1]          # row 1 is left-padded by this much
     assert shift > 0
-    layer, head, _, i, keys = hop[1]
+    layer, head, _, i, keys, _ = hop[1]
     with torch.no_grad():                                  # the same mark, in a left-padded row: the same weight
         _, _, _, again = train.Trainee(model, None)(train.chat_inputs(padded, model.config), None,
-                                                    [(layer, head, 1, i + shift, keys + shift)])
+                                                    [(layer, head, 1, i + shift, keys + shift, None)])
     assert torch.allclose(again, pointed[1], rtol=1e-4)
 
 
