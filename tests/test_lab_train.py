@@ -409,9 +409,10 @@ def test_point_targets_find_the_red_circle_by_both_words_in_layer_1():
 
 def test_word_to_place_shares_average_to_the_shapes_centre():
     """In layer 1 "circle" of "Where is the red circle?" looks at every token the circle covers, each by the share
-    of it the circle covers: the shares add up to 1, and the tokens' centres averaged by them land on the circle's
-    centre (to a tenth of a token, over 24 drawn circles and squares), where an even split over the same tokens misses it by
-    over a third of a token now and then (a region is a third of the grid: 1.3 tokens on a small picture)."""
+    of it the circle covers: the shares add up to 1, and the tokens' centres averaged by them land on the shape's
+    centre (to a tenth of a token, over 24 drawn circles and squares), where an even split over the same tokens
+    misses it by over a third of a token now and then (a region is a third of the grid: 1.3 tokens on a small
+    picture)."""
     processor = q.load(train.NANO_DIR, device="cpu")[1]
     rng = random.Random(3)
     scenes = [scene for scene in (synthetic.draw_scene(rng, n_shapes=1) for _ in range(40))
