@@ -252,6 +252,13 @@ def cell_pixels(classes: torch.Tensor, n: int, side: int) -> torch.Tensor:
     return torch.bincount(slot.flatten(), minlength=len(cells) * n).view(-1, n)
 
 
+def majority(counts: torch.Tensor, side: int) -> torch.Tensor:
+    """(cells, n) pixels of each class -> (cells,): the class other than 0 covering most of a cell if it covers at
+    least a sixteenth of it (a video frame's small shapes straddle cells), else 0 (background)."""
+    best = counts[:, 1:].max(1)
+    return torch.where(best.values * 16 >= side * side, best.indices + 1, 0)
+
+
 def cell_labels(item, processor, grid=None) -> tuple[torch.Tensor, ...]:
     """(kind, colour, digit, place, motion) class under each merged 28x28 token of a Scene or a Clip, (n,) each,
     in the ViT's order (temporal patch, row, column); a cell takes the class covering most of it if that covers
@@ -280,12 +287,8 @@ def cell_labels(item, processor, grid=None) -> tuple[torch.Tensor, ...]:
     for t in range(grid[0]):                    # a temporal patch sees frames 2t and 2t + 1 (an image: twice)
         maps = synthetic.clip_label_maps(item, min(2 * t, len(item.frames) - 1)) if clip else synthetic.label_maps(item)
         out = []
-        for label_map, n in zip(maps, CELL_CLASSES):
-            counts = cell_pixels(resized(label_map, h, w), n, side)    # (cells, n) pixels of each class
-            counts[:, 0] = 0                                            # background only where nothing else is
-            best = counts.max(1)
-            out.append(torch.where(best.values * 16 >= side * side, best.indices, 0))
-        per_t.append(out)
+        per_t.append([majority(cell_pixels(resized(label_map, h, w), n, side), side)   # (cells,) each
+                      for label_map, n in zip(maps, CELL_CLASSES)])
     kind, *rest = (torch.cat(labels) for labels in zip(*per_t))
     shapes = ((item.moving,) + ((item.static,) if item.static else ())) if clip else item.shapes
     of_kind = torch.tensor([0] + [sum(s.kind == k for s in shapes) for k in synthetic.SHAPES])   # by kind class
@@ -367,13 +370,13 @@ def scene_cells(examples, batch, processor) -> list:
             out.append(None)
             continue
         start, h, w = spans[0]
-        kind, colour, *_ = cell_labels(ex["world"][0], processor, [1, h * m, w * m])   # (h*w,) class per merged token
         side, (kinds, colours) = m * processor.patch_size, synthetic.label_maps(ex["world"][0])[:2]
         n = len(synthetic.COLORS) + 1
         # one class per pixel for its (kind, colour) pair: kind * n + colour, 0 = background
         both = resized(kinds, h * side, w * side) * n + resized(colours, h * side, w * side)   # (h*28, w*28)
-        cover = cell_pixels(both, n * (len(synthetic.SHAPES) + 1), side).view(h * w, -1, n) / side ** 2
-        out.append((start, h, w, kind, colour, cover))            # cover: (h*w, 1 + kinds, 1 + colours) share
+        pixels = cell_pixels(both, n * (len(synthetic.SHAPES) + 1), side).view(h * w, -1, n)  # (h*w, kinds, colours)
+        kind, colour = majority(pixels.sum(2), side), majority(pixels.sum(1), side)   # = cell_labels', (h*w,) each
+        out.append((start, h, w, kind, colour, pixels / side ** 2))     # cover: each pair's share of each token
     return out
 
 
