@@ -18,12 +18,17 @@ from .train import NANO_DIR, STAGES
 CHANCE = {"position": 1 / 9, "video_direction": 1 / 4}     # 9 regions, 4 directions
 
 
+def percent(x: float) -> str:
+    """0.525 -> "52.5%", 0.9 -> "90%": one decimal where it has one (":.0%" would print 52.5 % as "52%")."""
+    return f"{x:.1%}".replace(".0%", "%")
+
+
 def ablation_reading(a: dict) -> str:
     """The ablation's result in words, from its numbers: did M-RoPE help where it should (where things are
     and which way they move), and were the two models above chance at all?"""
     m, d = a["mrope"], a["1d"]
-    facts = ", ".join(f"{c.replace('_', ' ')} {m[c]:.0%} with M-RoPE vs {d[c]:.0%} with 1D positions "
-                      f"(chance {CHANCE[c]:.0%})" for c in CHANCE)
+    facts = ", ".join(f"{c.replace('_', ' ')} {percent(m[c])} with M-RoPE vs {percent(d[c])} with 1D positions "
+                      f"(chance {percent(CHANCE[c])})" for c in CHANCE)
     gain = max(m[c] - d[c] for c in CHANCE)
     loss = max(d[c] - m[c] for c in CHANCE)
     verdict = ("M-RoPE helped." if gain > 0.05 and loss <= 0.05 else

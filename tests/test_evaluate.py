@@ -119,3 +119,15 @@ def test_the_card_sets_the_probe_beside_the_llm_s_own_answers(tmp_path):
     probe.save(ckpt, _probe_result(0.6, 1.0))                     # a probe that does not find it: no verdict
     section = _probe_section(ckpt)
     assert "| 60.0% |" in section and "The tokens hold the answer" not in section
+
+
+def test_the_ablation_reading_keeps_the_half_points_of_its_numbers():
+    """The card's ablation sentence gives each accuracy as the table does: 52.5 % is "52.5%", not "52%" (the
+    ":.0%" format rounds half to even), and a whole number stays whole; the verdict follows the gap."""
+    reading = card.ablation_reading({"mrope": {"position": 0.9, "video_direction": 0.985},
+                                     "1d": {"position": 0.525, "video_direction": 0.99}})
+    assert reading.startswith("position 90% with M-RoPE vs 52.5% with 1D positions (chance 11.1%), "
+                              "video direction 98.5% with M-RoPE vs 99% with 1D positions (chance 25%). M-RoPE helped.")
+    same = card.ablation_reading({"mrope": {"position": 0.5, "video_direction": 0.5},
+                                  "1d": {"position": 0.5, "video_direction": 0.5}})
+    assert "M-RoPE did not help in this run" in same
