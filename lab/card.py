@@ -126,6 +126,7 @@ def loss_on(stage) -> str:
     if stage.loss_on == "cells":
         return f"cells ({stage.cells} scenes/step)"
     return (stage.loss_on + (f" + cells ({stage.cells} scenes/step)" if stage.cells else "")
+            + (f" + pooled digits ({stage.pooled:g})" if stage.pooled else "")
             + (" + grounding" if stage.ground else "") + (" + pointing" if stage.point else ""))
 
 
@@ -173,7 +174,10 @@ def write_card(ckpt: Path = NANO_DIR) -> Path:
         "(`lab.train.cell_labels`; counting is hard for the LLM's attention, which averages, and the ViT sees",
         "the whole picture at once). The heads stay on as an auxiliary loss in stages 1 and 2 (\"+ cells\": a",
         "few scenes or clips per step), so that the LLM's gradients do not wash these features out of the ViT;",
-        "they are thrown away at the end and are not part of the checkpoint.",
+        "they are thrown away at the end and are not part of the checkpoint. From stage 1 on, the digit head is",
+        "also asked once per written digit, on the mean of its tokens (\"pooled\"): a glyph spans many tokens,",
+        "each of which sees only a stroke of it. It starts after the warm-up because with it from the start the",
+        "ViT never learned which digit of the number a token shows (first, second, third).",
         "The other three are the paper's: ViT + merger with the LLM frozen on captions; everything on the mixed",
         "data (captions, questions, numbers, videos, two-image prompts, text-only); instruction tuning with the ViT",
         "frozen and the loss on the assistant's tokens only. Loss curves: `training/loss_curves.png`.",
@@ -192,7 +196,10 @@ def write_card(ckpt: Path = NANO_DIR) -> Path:
                   "they sit; \"circle\" in \"the red circle\" to the red one only; each token by how much of it the",
                   "shape covers, so that the average of their rows and columns is the shape's centre) and to the",
                   "image's last token (it knows the grid's size), and in layers 1 and 2 from every word of the answer",
-                  "to the question's word.",
+                  "to the question's word. To read a written number, each digit of the answer looks, in layer 0, at",
+                  "the token before it (a digit there means it is the second or third) and, in layer 2, at the",
+                  "visual tokens of the written digit in that place (a grounding head asks every visual token which",
+                  "digit of the number it shows).",
                   "Why the rows and columns: the ViT cannot know where anything is",
                   "(no absolute position embedding, and on a plain background every background patch is the same);",
                   "only M-RoPE gives a visual token its row and column, in the LLM. The grounding heads are thrown",

@@ -17,6 +17,7 @@ EXAMPLES = (   # (question, files in OUT, the right answer): the app's example b
     ("What color is the moving shape?", ("clip.mp4",), "red."),
     ("Which way is the red square moving?", ("clip.mp4",), "up."),
     ("Where is the green circle?", ("scene.png",), "bottom left."),
+    ("What number is written?", ("number.png",), "139."),
 )
 # What the pictures show (checked when they are drawn); the examples above ask what the nano answers well.
 FACTS = {"circle": "green.", "green": "circle.", "where": "bottom left.", "two": "the second image.", "direction": "up.",

@@ -4,7 +4,8 @@ Stage 0 stands in for the paper's starting points, in two parts: the language mo
 ("initialised from Qwen2"), and the ViT + merger learn to name the kind and colour of the shape, the written
 digit and its place in the number, the motion, and how many shapes the picture holds, under each merged token,
 from dense labels ("initialised from DFN's ViT"). Those linear heads stay on as an auxiliary loss in stages 1
-and 2 and are thrown away at the end.
+and 2 (there the digit head is also scored once per written digit, on the mean of its tokens: `pool_digits`) and
+are thrown away at the end.
 Then come the paper's three stages (Qwen2-VL section 2.3): 1) the LLM is frozen and the ViT and merger learn
 from image-caption pairs; 2) everything trains on the mixed data; 3) the ViT is frozen and the LLM is
 instruction-tuned on ChatML conversations, with the loss on the assistant's tokens only.
@@ -13,8 +14,8 @@ is, with two more auxiliary losses (`ground=True`, `point=True`): linear heads o
 the words that name an object ("circle", "red"), for what the word does not say of it and for its region, at the
 visual tokens for their row and column (which only M-RoPE can tell them) and their kind and colour, and where an
 answer's colour, kind, count or region is predicted, for it; attention heads are taught to point, from such a word
-to the object's visual tokens and from the answer to the word (ground_labels and point_targets say why, and what
-they measured).
+to the object's visual tokens and from the answer to the word, and from each digit of a written number's answer
+to that digit's visual tokens (ground_labels and point_targets say why, and what they measured).
 Run it with `python -m lab.train` (seeded; under 30 min on 2 CPU cores);
 `torchrun --nproc_per_node=N -m lab.train` runs the same script under DistributedDataParallel; `--resume` goes on
 after the last stage an interrupted run finished.
@@ -234,6 +235,9 @@ CELL_CLASSES = (len(synthetic.SHAPES) + 1, len(synthetic.COLORS) + 1, 11, 4, len
 # many of its own kind (1-3 under a shape, 0 elsewhere)
 CELL_NAMES = ("kind", "colour", "digit", "place", "motion", "count", "kind count")
 CELL_WEIGHTS = (1.0, 1.0, 1.0, 1.0, 1.0, 0.3, 0.3)   # the counts at 0.3: at 1.0 they slowed the others (below)
+# How many of the cell loss's scenes carry a written number. At 0.3 the ViT warm-up did not learn a digit's place
+# (56 % of the digits' tokens after 1,200 steps), at 0.8 it did (87 %); docs/experiments/number-reading.md.
+NUMBER_SHARE = 0.8
 
 
 def resized(label_map, h: int, w: int) -> torch.Tensor:
@@ -326,7 +330,10 @@ GROUNDS = (("colour", len(synthetic.COLORS), 1, 1.0),   # at a word naming one o
            ("token colour", len(synthetic.COLORS) + 1, 1, 1.0),  # ... and colour (0 = none), kept for layer 1
            ("colour before", len(synthetic.COLORS), 1, 1.0),    # at "circle" in "the red circle": red, carried
            ("centre row", 12, 2, 1.0),                  # at a word naming one object: its centre's row, in twelfths
-           ("centre column", 12, 2, 1.0))               # ... and column, finer than the region's thirds
+           ("centre column", 12, 2, 1.0),               # ... and column, finer than the region's thirds
+           ("token place", 4, 1, 1.0),                  # at every visual token of a scene: its written digit's place
+           ("answer place", 3, 1, 1.0),                 # where a digit of the written number is predicted: which
+           ("answer digit", 10, 3, 1.0))                # of its digits comes (first, second, third), then that digit
 GROUND_NAMES = tuple(g[0] for g in GROUNDS)
 
 
@@ -360,8 +367,9 @@ def image_spans(examples, batch, processor) -> list[list[tuple[int, int, int]]]:
 
 def scene_cells(examples, batch, processor) -> list:
     """Per row of a batch: for a chat about one scene, (its image's first token, merged rows h, merged columns w,
-    kind (h*w,), colour (h*w,), cover (h*w, 1 + kinds, 1 + colours)): the scene's cell labels (cell_labels) on the
-    merged grid, in the LLM's token order, and the share of each token's pixels of each kind and colour; None for
+    kind (h*w,), colour (h*w,), place (h*w,), cover (h*w, 1 + kinds, 1 + colours)): the scene's cell labels
+    (cell_labels; place: 1-3 = the token shows the first, second, third written digit) on the merged grid, in the
+    LLM's token order, and the share of each token's pixels of each kind and colour; None for
     any other row (text only, two images, a clip). ground_labels and point_targets both read it, so
     train_stage makes it once per batch."""
     out, m = [], processor.merge_size
@@ -370,13 +378,14 @@ def scene_cells(examples, batch, processor) -> list:
             out.append(None)
             continue
         start, h, w = spans[0]
-        side, (kinds, colours) = m * processor.patch_size, synthetic.label_maps(ex["world"][0])[:2]
+        side, (kinds, colours, _, places, _) = m * processor.patch_size, synthetic.label_maps(ex["world"][0])
         n = len(synthetic.COLORS) + 1
         # one class per pixel for its (kind, colour) pair: kind * n + colour, 0 = background
         both = resized(kinds, h * side, w * side) * n + resized(colours, h * side, w * side)   # (h*28, w*28)
         pixels = cell_pixels(both, n * (len(synthetic.SHAPES) + 1), side).view(h * w, -1, n)  # (h*w, kinds, colours)
         kind, colour = majority(pixels.sum(2), side), majority(pixels.sum(1), side)   # = cell_labels', (h*w,) each
-        out.append((start, h, w, kind, colour, pixels / side ** 2))     # cover: each pair's share of each token
+        place = majority(cell_pixels(resized(places, h * side, w * side), 4, side), side)            # (h*w,)
+        out.append((start, h, w, kind, colour, place, pixels / side ** 2))   # cover: each pair's share of each token
     return out
 
 
@@ -469,8 +478,11 @@ def ground_labels(examples, batch, processor, cell_maps=None) -> tuple[torch.Ten
         if scene is None:
             continue                                  # text only, two images or a clip: no words to ground
         shapes, row = ex["world"][0].shapes, batch.input_ids[b].tolist()
-        start, h, w, kind, colour, _ = scene                               # kind, colour: (h*w,) per merged token
+        start, h, w, kind, colour, place, _ = scene                  # kind, colour, place: (h*w,) per merged token
         out["token kind"][b, start:start + h * w], out["token colour"][b, start:start + h * w] = kind, colour
+        out["token place"][b, start:start + h * w] = place
+        for i, k in digit_spots(ex, row, processor):
+            out["answer place"][b, i], out["answer digit"][b, i] = k, int(str(ex["world"][0].number)[k])
         questions, answers, asked = set(header_ends(row, user)), set(header_ends(row, answer)), None
         told = [msg["content"].rstrip(".") for msg in ex["messages"] if msg["role"] == "assistant"]
         for content, i in zip(told, header_ends(row, answer)):
@@ -531,6 +543,35 @@ WORD_TO_PLACE = (1, 1)    # the question's word -> the objects' visual tokens ag
                           # column ...
 WORD_TO_CORNER = (1, 2)   # ... and -> the image's last visual token, which knows the grid's size
 ANSWER_TO_PLACE = (2, 0)  # the answer -> the word again (after layer 1 it holds where the object is)
+DIGIT_BEFORE = (0, 4)     # where the k-th digit of a written number is predicted -> the token before: a digit
+                          # there means k = 3, the answer's opening k = 2 (a key/value pair of their own: pair 2)
+ANSWER_TO_DIGIT = (2, 4)  # ... -> the k-th written digit's visual tokens, found by their place (ground_labels)
+
+
+def digit_spots(example, row: list[int], processor) -> list[tuple[int, int]]:
+    """(position that predicts the k-th digit, k - 1) for every answer of a one-scene chat that says its written
+    number: the answer to a number question ("742.") and a caption's "... and the number 742.". Both end with the
+    digits, each its own token (the tokenizer splits digits), then "." and <|im_end|>. (A count's "1." is not one,
+    even where the number is 1.) Empty if the scene has no number."""
+    number = example["world"][0].number
+    if number is None:
+        return []
+    text, end, question = str(number), processor.eos_token_ids[0], ""                # end: <|im_end|>
+    answers, said = iter(header_ends(row, turn_header(processor, "assistant"))), []
+    for m in example["messages"]:
+        content = m["content"] if isinstance(m["content"], str) else " ".join(c.get("text", "") for c in m["content"])
+        if m["role"] == "user":
+            question = content.strip()
+        elif m["role"] == "assistant":
+            i = next(answers)
+            if content == f"{text}." and question in synthetic.TEMPLATES["number"] or \
+                    content.endswith(f" number {text}."):
+                said.append(i)
+    out = []
+    for i in said:
+        first = (row.index(end, i + 1) if end in row[i + 1:] else len(row)) - 2 - len(text)     # predicts digit 1
+        out += [(first + k, k) for k in range(len(text))]
+    return out
 
 
 def point_targets(examples, batch, processor, cell_maps=None) -> list[tuple]:
@@ -566,8 +607,13 @@ def point_targets(examples, batch, processor, cell_maps=None) -> list[tuple]:
     for b, scene in enumerate(scene_cells(examples, batch, processor) if cell_maps is None else cell_maps):
         if scene is None:
             continue                          # text only, two images or a clip: nothing to point at
-        (start, h, w, kind, colour, cover), row = scene, batch.input_ids[b].tolist()   # (h*w,) per token
+        (start, h, w, kind, colour, place, cover), row = scene, batch.input_ids[b].tolist()   # (h*w,) per token
         corner = torch.tensor([start + h * w - 1])
+        for i, k in digit_spots(examples[b], row, processor):       # read the k-th written digit (k = 0, 1, 2)
+            shows = (place == 1 + k).nonzero()[:, 0]
+            if len(shows):                        # evenly: their mean is what the ViT's digit head reads (cell_loss)
+                out += [(*DIGIT_BEFORE, b, i, torch.tensor([i - 1]), None),
+                        (*ANSWER_TO_DIGIT, b, i, start + shows, torch.full((len(shows),), 1 / len(shows)))]
         questions, answers = set(header_ends(row, user)), header_ends(row, answer)
         # who is speaking (the image opens the first user turn), and the latest word of this question naming objects
         speaker, last = "user", None
@@ -662,16 +708,21 @@ class Trainee(torch.nn.Module):
 
 
 def scene_batch(processor, rng, n, device):
-    """n scenes and clips (three in ten are clips, and a third of the scenes have a written number) -> the ViT's
-    inputs (pixel rows, grids) and the cell labels of each merged token."""
-    items = [synthetic.draw_clip(rng) if rng.random() < 0.3 else synthetic.draw_scene(rng, number=rng.random() < 0.3)
-             for _ in range(n)]
+    """n scenes and clips (three in ten are clips, and NUMBER_SHARE of the scenes have a written number) -> the
+    ViT's inputs (pixel rows, grids) and the cell labels of each merged token (CELL_NAMES), then its glyph: which
+    written digit of the batch it shows (-1: none), the groups of pool_digits."""
+    items = [synthetic.draw_clip(rng) if rng.random() < 0.3 else
+             synthetic.draw_scene(rng, number=rng.random() < NUMBER_SHARE) for _ in range(n)]
     rows, grids, labels = [], [], []
     for item in items:
         r, g, _ = processor.encode_media(synthetic.media_item(item))
         rows.append(r), grids.append(g), labels.append(cell_labels(item, processor, g[0].tolist()))
     targets = tuple(torch.cat(t).to(device) for t in zip(*labels))
-    return (torch.cat(rows).to(device), torch.cat(grids).to(device)), targets
+    # which written digit each merged token shows, numbered across the batch (-1: none), for pool_digits
+    picture = torch.cat([torch.full_like(t[0], i) for i, t in enumerate(labels)]).to(device)
+    place = targets[CELL_NAMES.index("place")]
+    glyph = torch.where(place > 0, picture * 4 + place, -1)
+    return (torch.cat(rows).to(device), torch.cat(grids).to(device)), targets + (glyph,)
 
 
 @torch.no_grad()
@@ -682,16 +733,37 @@ def cell_accuracy(model, heads, processor, rng, device, n=64) -> dict:
     scenes, targets = scene_batch(processor, rng, n, device)
     _, cells, _, _ = Trainee(model, heads)(None, scenes)                    # one (N/4, classes) table per head
     out = {}
-    for name, logits, labels in zip(CELL_NAMES, cells, targets):
+    digit = CELL_NAMES.index("digit")
+    written = pool_digits(cells[digit], targets[digit], targets[-1])   # once per written digit: its tokens' mean
+    for name, logits, labels in zip(CELL_NAMES + ("written digit",), cells + written[:1],
+                                    targets[:len(CELL_NAMES)] + written[1:]):
         held = labels > 0
         if held.any():                                   # a small draw may hold no digit or no clip
             out[name] = round((logits.argmax(-1)[held] == labels[held]).float().mean().item(), 3)
     return out
 
 
-def cell_loss(cells, targets):
-    """Cross-entropy of the heads, weighted by CELL_WEIGHTS: ((logits per head of CELL_NAMES), (their labels))."""
-    return sum(w * F.cross_entropy(logits, labels) for logits, labels, w in zip(cells, targets, CELL_WEIGHTS))
+def pool_digits(logits, digit, glyph):
+    """The digit head's logits averaged over each written digit's merged tokens, which is the head applied to
+    their mean feature (it is linear): (N/4, 11) logits, (N/4,) digit labels and glyphs (scene_batch) ->
+    ((digits, 11) logits, (digits,) labels), one row per written digit."""
+    held = glyph >= 0
+    which, group = torch.unique(glyph[held], return_inverse=True)              # the batch's digits -> 0, 1, ...
+    total = logits.new_zeros(len(which), logits.shape[1]).index_add_(0, group, logits[held])
+    labels = digit.new_zeros(len(which)).scatter_reduce_(0, group, digit[held], "amax", include_self=False)
+    return total / torch.bincount(group, minlength=len(which)).unsqueeze(1).to(total), labels
+
+
+def cell_loss(cells, targets, pooled=0.0):
+    """Cross-entropy of the heads, weighted by CELL_WEIGHTS: ((logits per head of CELL_NAMES), (their labels,
+    glyph)); with `pooled`, the digit head once more per written digit, on the mean of its tokens (pool_digits)."""
+    loss = sum(w * F.cross_entropy(logits, labels) for logits, labels, w in zip(cells, targets, CELL_WEIGHTS))
+    if pooled:
+        digit = CELL_NAMES.index("digit")
+        logits, labels = pool_digits(cells[digit], targets[digit], targets[-1])
+        if len(labels):
+            loss = loss + pooled * F.cross_entropy(logits, labels)
+    return loss
 
 
 def ground_loss(ground, targets):
@@ -713,6 +785,7 @@ class Stage:
     loss_on: str          # "text", "assistant" (see labels_for) or "cells" (no chats: the cell loss alone)
     weights: dict = field(default_factory=dict)   # category -> sampling weight
     cells: int = 0        # scenes or clips per step (all processes together) for the cell-label loss, 0 = none
+    pooled: float = 0.0   # weight of the digit loss per written digit (cell_loss), beside the per-token one
     ground: bool = False  # the grounding heads' loss on object words and visual tokens (ground_labels)
     point: bool = False   # the pointing loss on the attention of the LLM's heads (point_targets)
 
@@ -726,14 +799,24 @@ MIXED = {"caption": 1.0, "color": 0.5, "shape": 0.5, "count": 0.5, "count_kind":
 # most look-ups (ground_labels), and what its last step (from the answer's hidden state to the region's words) learns
 # varied most between runs. Stage 3 from the same stage-2 weights, two data orders (before the shares of
 # point_targets): position 73.5 / 53.5 % with MIXED, 85 / 78 % at weight 1.5, 87 / 84.5 % at 2.5 (colour 99 / 95.5,
-# count 93 / 89.5 %); at 3.5 87 % with colour down to 92 % (one order).
-INSTRUCT = MIXED | {"position": 2.5}
+# count 93 / 89.5 %); at 3.5 87 % with colour down to 92 % (one order). With the digit look-up (ANSWER_TO_DIGIT)
+# colour, count and number questions are asked more, and stage 3 is longer (2,800 steps, from 2,000). From the same
+# stage-2 weights and data order: colour 87.5 -> 96.5 % with colour at 1.5 and count at 1.0 (count 88 -> 91.5 %,
+# numbers 78.5 -> 73 %, position 90 -> 89.5 %); then numbers at 1.5 and 2,800 steps: numbers 82 %, position 92 %.
+INSTRUCT = MIXED | {"position": 2.5, "color": 1.5, "count": 1.0, "number": 1.5}
+# The pooled digit loss (Stage.pooled) starts after the ViT warm-up. A glyph spans 6-16 merged tokens, each of
+# which sees a stroke of it: asked per token the ViT names 35 % of them and the LLM, which reads them, answered
+# 5.5 % of number questions. Asked once per written digit (the mean of its tokens) it names 90 % after the warm-up
+# alone, but then the place (first, second, third digit) is never learned, even by a 6-layer ViT (52 %), and
+# without it the LLM cannot tell which glyph to read next. Learned first, the place survives the pooled loss that
+# follows (ViT warm-up alone, then 600 steps with both: place 87.5 %, digit 79 %; docs/experiments/number-reading.md).
 STAGES = (
     Stage("0 text warm-up", 300, 2e-3, ("model",), "text", TEXT_ONLY),
     Stage("0 ViT warm-up, cell labels", 1200, 1e-3, ("visual",), "cells", cells=8),
-    Stage("1 ViT + merger, LLM frozen", 500, 2e-3, ("visual",), "assistant", {"caption": 1.0}, cells=4),
-    Stage("2 everything, mixed data", 2600, 1e-3, ("visual", "model"), "text", MIXED, cells=4),
-    Stage("3 instruction tuning, ViT frozen", 2000, 1e-3, ("model",), "assistant", INSTRUCT, ground=True, point=True),
+    Stage("1 ViT + merger, LLM frozen", 500, 2e-3, ("visual",), "assistant", {"caption": 1.0}, cells=4,
+          pooled=1.0),
+    Stage("2 everything, mixed data", 2600, 1e-3, ("visual", "model"), "text", MIXED, cells=4, pooled=1.0),
+    Stage("3 instruction tuning, ViT frozen", 2800, 1e-3, ("model",), "assistant", INSTRUCT, ground=True, point=True),
 )
 
 
@@ -782,7 +865,7 @@ def train_stage(model, processor, stage, rng, batch_size, device, pos_mode, rank
         if stage.cells:
             scenes, targets = scene_batch(processor, rng, max(1, stage.cells // world), device)
         logits, cells, grounded, pointed = net(chat, scenes, marks)
-        loss = (token_loss(logits, labels) if chat else 0) + (cell_loss(cells, targets) if scenes else 0)
+        loss = (token_loss(logits, labels) if chat else 0) + (cell_loss(cells, targets, stage.pooled) if scenes else 0)
         if grounded is not None:
             grounding = ground_loss(grounded, ground_marks)
             loss = loss + grounding

@@ -196,6 +196,92 @@ def test_ground_labels_ask_a_count_questions_answer_for_the_count(tok):
     assert (table[1] == train.IGNORE).all()
 
 
+def _chat(media, turns):
+    """User / assistant messages: the media in the first user turn, then (question, answer) pairs."""
+    messages = []
+    for i, (question, answer) in enumerate(turns):
+        messages += [{"role": "user", "content": (media if i == 0 else []) + [{"type": "text", "text": question}]},
+                     {"role": "assistant", "content": answer}]
+    return messages
+
+
+def _number_scene(digits=3, seed=0):
+    rng = random.Random(seed)
+    while True:
+        scene = synthetic.draw_number_scene(rng)
+        if len(scene.digits) == digits:
+            return scene
+
+
+def test_ground_labels_ask_where_each_digit_of_the_number_is_said_which_and_what_it_is(tok):
+    """Where a digit of the written number is predicted, in the answer to "What number is written?" and at the
+    end of a caption: which digit of the number comes (0, 1, 2) and that digit; not in a count whose answer is
+    the same digits, nor in a scene without a number. Every visual token of the scene: its digit's place
+    (oracle: the cell labels, the ViT warm-up's dense labels)."""
+    processor = train.nano_processor(tok)
+    number = _number_scene()
+    said = f"{number.number}."
+    examples = [{"messages": _chat([synthetic.media_item(number)], [
+                    ("What number is written?", said), ("How many shapes are there?", said),
+                    ("Describe the image.", synthetic.describe(number))]), "world": (number,)},
+                {"messages": _chat([synthetic.media_item(_scene(("circle", "red", "top")))], [
+                    ("What color is the circle?", "red.")]), "world": (_scene(("circle", "red", "top")),)}]
+    assert synthetic.describe(number).endswith(f" number {number.number}.")
+    batch, labels = train.make_batch(processor, examples, "assistant")
+    tables = dict(zip(train.GROUND_NAMES, train.ground_labels(examples, batch, processor)))
+    ids = batch.input_ids
+
+    def said_at(what, b):       # (next token, target) at the positions of row b that have one
+        table = tables[what][b]
+        return [(tok.decode([int(ids[b, i + 1])]), int(table[i])) for i in (table != train.IGNORE).nonzero()[:, 0]]
+
+    digits = str(number.number)
+    assert said_at("answer digit", 0) == [(d, int(d)) for d in digits] * 2      # the answer, the caption's end
+    assert said_at("answer place", 0) == [(d, k) for k, d in enumerate(digits)] * 2
+    assert said_at("answer digit", 1) == said_at("answer place", 1) == []
+    assert all(labels[0, i + 1] != train.IGNORE for i in (tables["answer digit"][0] != train.IGNORE).nonzero()[:, 0])
+    place = train.cell_labels(number, processor)[train.CELL_NAMES.index("place")]
+    image = ids[0] == processor.image_token_id
+    assert torch.equal(tables["token place"][0][image], place) and set(place.tolist()) == {0, 1, 2, 3}
+    assert (tables["token place"][0][~image] == train.IGNORE).all()
+    assert (tables["token place"][1][ids[1] == processor.image_token_id] == 0).all()
+
+
+def test_point_targets_point_each_digit_of_the_answer_at_its_written_digit(tok):
+    """At the position that predicts the k-th digit of "742.", ANSWER_TO_DIGIT looks evenly at the visual tokens
+    whose 28 x 28 squares (mapped back onto the picture) overlap the k-th digit's ink box, at no token of another
+    digit, and DIGIT_BEFORE at the token before (the answer's opening, then the digits said so far)."""
+    processor = train.nano_processor(tok)
+    number = _number_scene(seed=3)
+    examples = [{"messages": _chat([synthetic.media_item(number)], [("What number is written?", f"{number.number}."),
+                                                                    ("How many shapes are there?", "1.")]),
+                 "world": (number,)}]
+    batch, _ = train.make_batch(processor, examples, "assistant")
+    marks = train.point_targets(examples, batch, processor)
+    read = [m for m in marks if m[:2] == train.ANSWER_TO_DIGIT]
+    before = [m for m in marks if m[:2] == train.DIGIT_BEFORE]
+    ids = batch.input_ids[0]
+    assert [tok.decode([int(ids[i + 1])]) for _, _, _, i, _, _ in read] == list(str(number.number))
+    assert [(i, keys.tolist(), share) for _, _, _, i, keys, share in before] == [(i, [i - 1], None)
+                                                                                  for *_, i, _, _ in read]
+    assert tok.decode([int(ids[before[0][4]])]) == "assistant"
+    _, h, w = batch.image_grid_thw[0].tolist()
+    start, cols = ids.tolist().index(processor.image_token_id), w // 2
+    sx, sy = number.image.width / (w * 14), number.image.height / (h * 14)   # resized pixels -> the picture's
+
+    def square(cell):           # a merged token's 28 x 28 pixels, in the picture's coordinates
+        r, c = divmod(cell - start, cols)
+        return 28 * c * sx, 28 * r * sy, 28 * (c + 1) * sx, 28 * (r + 1) * sy
+
+    def overlaps(a, b):
+        return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+    for (*_, keys, share), (_, box) in zip(read, number.digits):
+        assert len(keys) > 0 and all(overlaps(square(k), box) for k in keys.tolist())
+        assert torch.allclose(share, torch.full((len(keys),), 1 / len(keys)))
+    assert sum(len(m[4]) for m in read) == len(set().union(*(set(m[4].tolist()) for m in read)))   # disjoint
+
+
 def test_cell_labels_count_the_shapes_of_the_picture(tok):
     """Under every merged token: how many shapes its scene or clip holds; under a shape: how many of its kind."""
     processor, rng = train.nano_processor(tok), random.Random(4)
@@ -598,7 +684,7 @@ def test_vit_warm_up_lowers_its_loss_and_trains_only_the_vit(tok):
     model = train.init_weights(q.Qwen2VL(train.nano_config(tok)))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     stage = next(st for st in train.STAGES if st.loss_on == "cells")
-    stage = dataclasses.replace(stage, steps=40)
+    stage = dataclasses.replace(stage, steps=60)
     losses = train.train_stage(model, processor, stage, random.Random(0), 8, torch.device("cpu"), "mrope", 0, 1,
                                show=False)
     assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5
@@ -617,9 +703,9 @@ def test_cell_accuracy_counts_only_the_cells_that_hold_something(tok):
     blind = lambda f: tuple(torch.zeros(len(t), n).index_fill_(1, torch.tensor([0]), 1.0)
                             for t, n in zip(targets, train.CELL_CLASSES))
     assert train.cell_accuracy(model, oracle, processor, random.Random(5), "cpu", n=12) == \
-        {name: 1.0 for name in train.CELL_NAMES}
+        {name: 1.0 for name in train.CELL_NAMES + ("written digit",)}
     assert train.cell_accuracy(model, blind, processor, random.Random(5), "cpu", n=12) == \
-        {name: 0.0 for name in train.CELL_NAMES}
+        {name: 0.0 for name in train.CELL_NAMES + ("written digit",)}
     # the picture's count is asked of every cell, background too: heads that miss it there score the shapes' share
     count = train.CELL_NAMES.index("count")
     off = lambda f: tuple(torch.nn.functional.one_hot(torch.where(targets[0] > 0, t, (t + 1) % n) if k == count
@@ -627,6 +713,46 @@ def test_cell_accuracy_counts_only_the_cells_that_hold_something(tok):
                           for k, (t, n) in enumerate(zip(targets, train.CELL_CLASSES)))
     assert train.cell_accuracy(model, off, processor, random.Random(5), "cpu", n=12)["count"] == \
         round((targets[0] > 0).float().mean().item(), 3) < 0.5
+
+
+def test_scene_batch_numbers_each_written_digit_and_pool_digits_averages_over_it(tok):
+    """glyph: one id per (picture, written digit), on exactly the tokens that show that digit; pool_digits gives
+    one row per written digit, the mean of its tokens' logits, labelled with its digit. A head that is right on
+    a third of a digit's tokens and spreads its weight elsewhere is right for the digit."""
+    processor = train.nano_processor(tok)
+    _, targets = train.scene_batch(processor, random.Random(3), 12, "cpu")
+    digit, place, glyph = targets[train.CELL_NAMES.index("digit")], targets[train.CELL_NAMES.index("place")], targets[-1]
+    assert ((glyph >= 0) == (place > 0)).all() and (digit[glyph >= 0] > 0).all()
+    ids = glyph[glyph >= 0].unique()
+    assert len(ids) >= 4                                                   # 12 pictures: several hold a number
+    for g in ids:
+        assert len(digit[glyph == g].unique()) == 1 and len(place[glyph == g].unique()) == 1
+    logits = torch.zeros(len(digit), 11)
+    for g in ids:                                          # one token in three says the digit loudly
+        shown = (glyph == g).nonzero()[:, 0]
+        logits[shown, (digit[shown] % 10) + 1] = 1.0       # the others name the next digit, weakly ...
+        logits[shown[::3], digit[shown[::3]]] = 5.0        # ... and every third token the right one, strongly
+    pooled, labels = train.pool_digits(logits, digit, glyph)
+    assert pooled.shape == (len(ids), 11) and sorted(labels.tolist()) == sorted(digit[glyph == g][0].item()
+                                                                                 for g in ids)
+    assert (pooled.argmax(-1) == labels).all()
+    assert torch.allclose(pooled[0], logits[glyph == ids[0]].mean(0))
+
+
+def test_cell_loss_adds_the_pooled_digit_loss_at_its_weight(tok):
+    processor = train.nano_processor(tok)
+    _, targets = train.scene_batch(processor, random.Random(4), 8, "cpu")
+    cells = tuple(torch.randn(len(targets[0]), n) for n in train.CELL_CLASSES)
+    digit = train.CELL_NAMES.index("digit")
+    pooled = torch.nn.functional.cross_entropy(*train.pool_digits(cells[digit], targets[digit], targets[-1]))
+    assert torch.allclose(train.cell_loss(cells, targets, 0.5), train.cell_loss(cells, targets) + 0.5 * pooled)
+
+
+def test_the_pooled_digit_loss_starts_after_the_vit_warm_up():
+    """The place of a digit is learned only from the per-token loss: with the pooled one from the start it was
+    never learned (docs/experiments/number-reading.md), so the warm-up has none and stages 1-2 add it."""
+    warm_up = next(s for s in train.STAGES if s.loss_on == "cells")
+    assert warm_up.pooled == 0 and all(s.pooled > 0 for s in train.STAGES if s.cells and s is not warm_up)
 
 
 def test_an_interrupted_run_resumes_after_its_last_finished_stage(tmp_path, monkeypatch):

@@ -1,5 +1,6 @@
 """The shipped nano model: complete, small, loads offline in ours and in transformers with equal logits,
-answers its world's questions (a held-out sample against the card's bars), and talks sensibly without images."""
+answers its world's questions (the card's held-out evaluation against its bars, a smaller sample against the
+card's table), and talks sensibly without images."""
 import json
 import random
 import subprocess
@@ -67,6 +68,12 @@ def sample(nano):
     return evaluate(*nano, n=48, show=False)
 
 
+@pytest.fixture(scope="module")
+def held_out(nano):
+    """The card's whole held-out evaluation: 200 questions per category, the size its bars are set on."""
+    return evaluate(*nano, n=200, show=False)
+
+
 def test_held_out_sample_agrees_with_the_card(sample):
     """The checkpoint performs as its card says (within 3 binomial standard errors + 5 points)."""
     card = json.loads((NANO_DIR / "training" / "log.json").read_text())["summary"]["evaluation"]
@@ -75,11 +82,12 @@ def test_held_out_sample_agrees_with_the_card(sample):
         assert abs(score - card[cat]) <= 3 * sigma + 0.05, (cat, score, card[cat])
 
 
-@pytest.mark.xfail(strict=True, reason="the nano-model issue is open: the shipped model cannot read numbers "
-                                       "(its card has the table); strict, so meeting every bar turns this red")
-def test_held_out_sample_meets_the_bars(sample):
-    missed = {c: s for c, s in sample.items() if s < TARGETS[c]}
-    assert not missed, f"below target: {missed} (all: {sample})"
+def test_held_out_evaluation_meets_the_bars(held_out):
+    """Every category at or above its target on 200 questions. (Not on the 48-question sample: a model 2 points
+    above a 90 % bar, as the shipped one is on position, falls below it in a sample that small one time in three;
+    the first 48 position questions get 43 right, 89.6 %.)"""
+    missed = {c: s for c, s in held_out.items() if s < TARGETS[c]}
+    assert not missed, f"below target: {missed} (all: {held_out})"
 
 
 def _reply(model, processor, text):

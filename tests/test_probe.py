@@ -32,8 +32,10 @@ def test_lookups_ask_only_about_shapes_their_attribute_names_alone():
 
 def test_the_nano_visual_tokens_hold_the_named_shape_s_colour_and_a_random_vit_s_do_not(nano):
     model, processor = nano
-    found = probe.probe(model, processor, n=300)
-    control = probe.probe(probe.RandomViT(model), processor, n=300)
+    # the card's size (lab.probe.measure: 800 scenes, 640 to train on): at 300 the probe trains on 240 scenes and
+    # scores 72, and on the shipped model it read the colour of 64 of them (88.9 %; 97.8 % at the card's size)
+    found = probe.probe(model, processor, n=800)
+    control = probe.probe(probe.RandomViT(model), processor, n=800)
     for look in ("kind->color", "color->kind"):
         assert found[look]["held_out"] >= 50
         assert found[look]["accuracy"] >= 0.9, found
